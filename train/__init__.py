@@ -1,0 +1,1 @@
+"""Holistic CLIP training: model, loss, tokenizer and the training program."""
