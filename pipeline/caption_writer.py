@@ -1,0 +1,52 @@
+"""Writing a captioned shard: the source shard's samples plus the texts the captioners made.
+
+Shard in, shard out: the output holds exactly the samples of its source, in the same order,
+with their images untouched. Runs wherever Ray puts it (a light task): the driver only passes
+references, so neither images nor texts go through it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from data_manifests import ShardReader, ShardReadError, ShardWriter, TextStats
+
+from .captioner import ShardResult
+
+
+def merge_sample(sample, results: list[ShardResult]) -> None:
+    """Add each captioner's texts (and flags, errors) for this sample, in place."""
+    for res in results:
+        for tid, text in res.texts.get(sample.key, {}).items():
+            sample.texts[tid] = text
+            sample.errors.pop(tid, None)
+            if tid in res.flags.get(sample.key, {}):
+                sample.flags[tid] = res.flags[sample.key][tid]
+            else:
+                sample.flags.pop(tid, None)
+        for tid, err in res.errors.get(sample.key, {}).items():
+            sample.texts.pop(tid, None)
+            sample.flags.pop(tid, None)
+            sample.errors[tid] = err
+
+
+def write_captioned_shard(source: str, output: str, results: list[ShardResult]) -> dict[str, Any]:
+    """Read `source`, merge the results, write `output` atomically. Returns what the driver commits."""
+    reader = ShardReader(source)
+    stats = TextStats()
+    errors = 0
+    try:
+        with ShardWriter(output) as writer:
+            for sample in reader:
+                merge_sample(sample, results)
+                if sample.errors:
+                    errors += 1
+                writer.write(sample)
+                stats.add(sample)
+            info = writer.close()
+    except ShardReadError as e:
+        raise RuntimeError(f"source shard {Path(source).name} became unreadable while writing: {e}") from e
+    return {"info": asdict(info), "stats": stats.raw, "samples_with_errors": errors,
+            "problems": [str(p) for p in reader.problems]}

@@ -1,0 +1,43 @@
+"""Image decoding for captioning: bytes from a shard to an RGB image the engine can take."""
+
+from __future__ import annotations
+
+import io
+
+from PIL import Image, UnidentifiedImageError
+
+# Web images can be decompression bombs; this is PIL's own guard, made an error instead of a warning.
+Image.MAX_IMAGE_PIXELS = 178_956_970
+
+
+class ImageDecodeError(ValueError):
+    """The sample's image bytes are not a usable image (the message says why)."""
+
+
+def decode_image(data: bytes, max_side: int = 0) -> Image.Image:
+    """Decode, convert to RGB, and shrink (never enlarge) so the long side is at most `max_side`.
+
+    Shrinking here, on a CPU worker, saves the engine's processor from resizing very large
+    images on its critical path; captioners resize or tile to their own sizes anyway.
+    """
+    if not data:
+        raise ImageDecodeError("image could not be decoded: no image bytes")
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            im.load()
+            rgb = im.convert("RGB")
+    except Image.DecompressionBombError as e:
+        raise ImageDecodeError(f"image too large to decode safely ({e})") from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
+        raise ImageDecodeError(f"image could not be decoded: {e}") from None
+    if rgb.width < 1 or rgb.height < 1:
+        raise ImageDecodeError("image could not be decoded: empty image")
+    if max_side and max(rgb.size) > max_side:
+        rgb.thumbnail((max_side, max_side), Image.Resampling.BICUBIC)
+    return rgb
+
+
+def encode_jpeg(image: Image.Image, quality: int = 92) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, "JPEG", quality=quality)
+    return buf.getvalue()
