@@ -28,7 +28,10 @@ def decode_image(data: bytes, max_side: int = 0) -> Image.Image:
             rgb = im.convert("RGB")
     except Image.DecompressionBombError as e:
         raise ImageDecodeError(f"image too large to decode safely ({e})") from None
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
+    except UnidentifiedImageError:
+        # PIL's message names the BytesIO object's address: keep errors reproducible instead.
+        raise ImageDecodeError("image could not be decoded: not a recognised image format") from None
+    except (OSError, ValueError, SyntaxError) as e:
         raise ImageDecodeError(f"image could not be decoded: {e}") from None
     if rgb.width < 1 or rgb.height < 1:
         raise ImageDecodeError("image could not be decoded: empty image")

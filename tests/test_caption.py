@@ -147,7 +147,9 @@ def test_killed_driver_resumes_to_the_same_texts(ray_cluster, reference, models,
     assert r.returncode == 0, r.stderr
     job = _submission_id(r.stdout)
     _wait_for_records(tmp_path / "out", 1)
-    drivers = _processes(rf"pipeline\.caption --config {re.escape(str(config))}")
+    # The job's entrypoint runs as `sh -c "python -m ..."`: the driver is the python process.
+    drivers = [p for p in _processes(rf"pipeline\.caption --config {re.escape(str(config))}")
+               if p.name().startswith("python")]
     assert len(drivers) == 1
     drivers[0].send_signal(signal.SIGKILL)
     assert _wait_job_end(ray_cluster, job).endswith("FAILED")

@@ -24,6 +24,7 @@ from torch import nn
 
 CONFIG_DIR = Path(__file__).parent / "model_configs"
 BRANCH_TYPES = ("cls", "mlp", "none")
+TEXT_POOLS = ("argmax", "last")
 LOGIT_SCALE_INIT = math.log(1 / 0.07)
 LOGIT_SCALE_MAX = math.log(100.0)  # exp(theta) <= 100, as in CLIP
 
@@ -49,6 +50,12 @@ class ModelConfig:
     branch: str = "none"  # "cls" | "mlp" | "none"
     num_branches: int = 1  # H
     mlp_branch_layers: int = 3  # L: how many final vision blocks are replicated by branch="mlp"
+    # Where the text tower reads its embedding. "argmax": at the largest token id, which is
+    # CLIP BPE's <end_of_text> (OpenAI's and OpenCLIP's rule). "last": at the last token that is
+    # not pad_token_id, right for any tokenizer (a Hugging Face one's end token is rarely its
+    # largest id); with the causal mask that token has seen the whole text.
+    text_pool: str = "argmax"
+    pad_token_id: int = 0
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -56,8 +63,12 @@ class ModelConfig:
             if f.name == "branch":
                 if value not in BRANCH_TYPES:
                     raise ValueError(f"'branch' must be one of {BRANCH_TYPES}, got {value!r}")
-            elif isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{f.name!r} must be a positive integer, got {value!r}")
+            elif f.name == "text_pool":
+                if value not in TEXT_POOLS:
+                    raise ValueError(f"'text_pool' must be one of {TEXT_POOLS}, got {value!r}")
+            elif isinstance(value, bool) or not isinstance(value, int) or value < (0 if f.name == "pad_token_id" else 1):
+                kind = "a non-negative" if f.name == "pad_token_id" else "a positive"
+                raise ValueError(f"{f.name!r} must be {kind} integer, got {value!r}")
         if self.branch == "none" and self.num_branches != 1:
             raise ValueError(f"'num_branches' must be 1 when branch is 'none', got {self.num_branches}")
         if self.branch == "mlp" and self.mlp_branch_layers > self.vision_layers:
@@ -228,6 +239,7 @@ class TextTransformer(nn.Module):
         nn.init.normal_(self.proj.weight, std=width**-0.5)
         causal = torch.ones(cfg.context_length, cfg.context_length, dtype=torch.bool).tril()
         self.register_buffer("attn_mask", causal, persistent=False)
+        self.pool, self.pad_token_id = cfg.text_pool, cfg.pad_token_id
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         t = tokens.shape[1]
@@ -235,9 +247,11 @@ class TextTransformer(nn.Module):
         for block in self.blocks:
             x = block(x, self.attn_mask[:t, :t])
         x = self.ln_final(x)
-        # Pool at the end-of-text token: as in CLIP, it has the largest id of the vocabulary.
-        x = x[torch.arange(x.shape[0], device=x.device), tokens.argmax(dim=-1)]
-        return self.proj(x)
+        if self.pool == "argmax":  # CLIP: <end_of_text> has the largest id of the vocabulary
+            index = tokens.argmax(dim=-1)
+        else:  # the last non-pad position (0 for an all-pad row)
+            index = ((tokens != self.pad_token_id) * torch.arange(t, device=tokens.device)).argmax(dim=-1)
+        return self.proj(x[torch.arange(x.shape[0], device=x.device), index])
 
 
 # ----------------------------------------------------------------------------- model

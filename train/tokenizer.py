@@ -1,7 +1,10 @@
 """Text tokenizers: CLIP's byte-level BPE in plain Python, or a local Hugging Face tokenizer.
 
-Both share one interface: tokenizer(list_of_str) -> LongTensor (N, context_length), zero-padded,
-plus .name (reload it with load_tokenizer(name)), .vocab_size and .context_length.
+Both share one interface: tokenizer(list_of_str) -> LongTensor (N, context_length), padded with
+.pad_token_id, plus .name (reload it with load_tokenizer(name)), .vocab_size, .context_length and
+.text_pool: where the text tower must read its embedding (ModelConfig.text_pool), "argmax" for
+CLIP's BPE and "last" (last non-pad token) for any other tokenizer. The trainer copies
+vocab_size, text_pool and pad_token_id into the model config, so model and tokenizer agree.
 
 The vocabulary file bpe_simple_vocab_16e6.txt.gz next to this module is OpenAI CLIP's
 (https://github.com/openai/CLIP, MIT License, Copyright (c) 2021 OpenAI), taken unchanged from
@@ -46,6 +49,8 @@ class Tokenizer:
     name: str
     vocab_size: int
     context_length: int
+    pad_token_id: int = 0
+    text_pool: str = "argmax"
 
     def __call__(self, texts: str | Sequence[str]) -> torch.Tensor:
         raise NotImplementedError
@@ -159,11 +164,14 @@ class ClipTokenizer(Tokenizer):
 
 
 class HFTokenizer(Tokenizer):
-    """A local Hugging Face tokenizer directory, padded and truncated to context_length.
+    """A local Hugging Face tokenizer directory, truncated to context_length and right-padded.
 
-    The text tower pools at the largest token id (CLIP's <end_of_text>), so a tokenizer whose
-    end token is not its largest id needs a matching change in the model.
+    Its end token is rarely its largest id, so the text tower pools at the last non-pad token
+    (text_pool "last"). Padding uses the tokenizer's pad token, else its end-of-sequence token,
+    else id 0 (GPT-2-like tokenizers have no pad token).
     """
+
+    text_pool = "last"
 
     def __init__(self, path: str | Path, context_length: int = DEFAULT_CONTEXT_LENGTH) -> None:
         try:
@@ -174,13 +182,16 @@ class HFTokenizer(Tokenizer):
         self.name = str(path)
         self.context_length = context_length
         self.vocab_size = len(self._tokenizer)
+        pad = self._tokenizer.pad_token_id
+        self.pad_token_id = pad if pad is not None else (self._tokenizer.eos_token_id or 0)
 
     def __call__(self, texts: str | Sequence[str]) -> torch.Tensor:
         texts = [texts] if isinstance(texts, str) else list(texts)
-        out = self._tokenizer(
-            texts, padding="max_length", truncation=True, max_length=self.context_length, return_tensors="pt"
-        )
-        return out["input_ids"].long()
+        rows = self._tokenizer(texts, truncation=True, max_length=self.context_length)["input_ids"]
+        result = torch.full((len(texts), self.context_length), self.pad_token_id, dtype=torch.long)
+        for out, ids in zip(result, rows):
+            out[: len(ids)] = torch.tensor(ids, dtype=torch.long)
+        return result
 
 
 def load_tokenizer(name_or_path: str | Path | None = None, context_length: int = DEFAULT_CONTEXT_LENGTH) -> Tokenizer:
