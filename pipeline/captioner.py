@@ -87,8 +87,11 @@ class VLLMBackend:
 
     async def generate(self, image, job: TextJob) -> Generation:
         from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
 
-        params = SamplingParams(**job.sampling)
+        # FINAL_ONLY: a caption is only useful whole; streaming every token of thousands of
+        # requests through asyncio would cost the front-end more than the tiny engine's step.
+        params = SamplingParams(**job.sampling, output_kind=RequestOutputKind.FINAL_ONLY)
         final = None
         try:
             async for out in self.engine.generate({"prompt": self._prompt(job.prompt.text),

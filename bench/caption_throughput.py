@@ -1,0 +1,158 @@
+"""Captioning throughput: the whole pipeline against raw vLLM, on the same images and model.
+
+    python bench/caption_throughput.py                      # tiny random Qwen2-VL on the CPU
+    python bench/caption_throughput.py --model DIR --images 512 --engine '{"dtype": "bfloat16"}'   # on a GPU
+
+(a) raw vLLM: `LLM.generate` over every (image, prompt) of images already decoded in memory, the
+    best a hand-written script can do (no shard reading, no writing, no bookkeeping);
+(b) the pipeline: `python -m pipeline.caption` from image shards to captioned shards, timed from
+    the moment its engines are ready (as reported in its manifest) to the last shard written.
+Both use the same engine settings and greedy decoding with a fixed output length (the tiny model
+never stops early, so every caption is exactly --max-tokens long).
+
+Also: 1 prompt vs 4 prompts per image (prefix reuse should keep 4 prompts well under 4x the time
+of 1), and prefix caching on vs off. Prints a table and a JSON line with every figure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
+
+
+def make_inputs(root: Path, images: int, per_shard: int) -> Path:
+    from caption_fixtures import scene
+
+    from data_manifests import DatasetWriter, Sample, sha256_hex
+
+    writer = DatasetWriter(root, stage="ingest", flush_every_s=0)
+    writer.set_texts({"raw": {"kind": "alt_text", "source": "bench"}})
+    for s in range((images + per_shard - 1) // per_shard):
+        samples = []
+        for i in range(min(per_shard, images - s * per_shard)):
+            data = scene(s * 1000 + i)
+            samples.append(Sample(f"{s:05d}{i:04d}", data, "jpg", {"raw": f"scene {i}"}, source={"sha256": sha256_hex(data)}))
+        writer.write_shard(f"{s:05d}.tar", samples)
+    writer.finish()
+    return root
+
+
+def raw_vllm(model: str, engine: dict, images_dir: Path, prompt_ids: list[str], max_tokens: int) -> dict:
+    """(a): decode everything first (untimed), then one LLM.generate over all requests."""
+    from transformers import AutoProcessor
+    from vllm import LLM, SamplingParams
+
+    from caption_prompts import load_prompt_set
+    from data_manifests import ShardReader, list_shard_files
+    from pipeline.images import decode_image
+
+    prompts = [load_prompt_set("default").get(i).text for i in prompt_ids]
+    processor = AutoProcessor.from_pretrained(model)
+    templates = [processor.apply_chat_template(
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": p}]}],
+        tokenize=False, add_generation_prompt=True) for p in prompts]
+    decoded = [decode_image(s.image, 448) for name in list_shard_files(images_dir)
+               for s in ShardReader(images_dir / name)]
+    llm = LLM(model=model, limit_mm_per_prompt={"image": 1}, **engine)
+    requests = [{"prompt": t, "multi_modal_data": {"image": im}} for im in decoded for t in templates]
+    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+    llm.generate(requests[: len(templates)], params, use_tqdm=False)  # warm-up on one image
+    t0 = time.perf_counter()
+    outs = llm.generate(requests, params, use_tqdm=False)
+    seconds = time.perf_counter() - t0
+    cached = sum(o.num_cached_tokens or 0 for o in outs)
+    generated = sum(len(o.outputs[0].token_ids) for o in outs)
+    prompt_tokens = sum(len(o.prompt_token_ids) for o in outs)
+    del llm
+    return {"images": len(decoded), "captions": len(outs), "seconds": seconds,
+            "images_per_s": len(decoded) / seconds, "captions_per_s": len(outs) / seconds,
+            "generated_tokens_per_s": generated / seconds,
+            "prefix_cache_hit_rate": cached / prompt_tokens if prompt_tokens else None}
+
+
+def pipeline_run(model: str, engine: dict, images_dir: Path, out: Path, prompt_ids: list[str],
+                 max_tokens: int, work: Path) -> dict:
+    """(b): the real job on an embedded local Ray; figures from the manifest it writes."""
+    import yaml
+
+    prompt_set = work / f"bench_prompts_{len(prompt_ids)}.yaml"
+    from caption_prompts import load_prompt_set
+
+    base = load_prompt_set("default")
+    prompt_set.write_text(yaml.safe_dump({"name": "bench", "prompts": [
+        {"id": p.id, "family": p.family, "text": p.text, "max_new_tokens": max_tokens}
+        for p in base.select(prompt_ids).prompts]}))
+    config = work / f"bench_{out.name}.yaml"
+    config.write_text(yaml.safe_dump({"input": str(images_dir), "output": str(out), "captioners": [{
+        "name": "bench", "model": model, "prompts": {"set": str(prompt_set)}, "engine": engine,
+        "sampling": {"temperature": 0.0}, "max_shards_in_flight": 2, "max_images_in_flight": 128,
+        "resources": {"num_cpus": 1}}]}))
+    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+    r = subprocess.run([sys.executable, "-m", "pipeline.caption", "--config", str(config), "--no-progress"],
+                       cwd=ROOT, capture_output=True, text=True, env=env)
+    if r.returncode != 0:
+        raise SystemExit(f"pipeline run failed:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}")
+    from data_manifests import load_manifest
+
+    run = load_manifest(out).run["caption"]["runs"][-1]
+    return {k: run[k] for k in ("images", "captions", "seconds", "images_per_s", "captions_per_s",
+                                "generated_tokens_per_s", "prefix_cache_hit_rate")}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", help="model directory (default: build the tiny Qwen2-VL)")
+    parser.add_argument("--images", type=int, default=96)
+    parser.add_argument("--per-shard", type=int, default=24)
+    parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--engine", default='{"dtype": "bfloat16", "max_model_len": 1024, "enforce_eager": true, '
+                                            '"max_num_seqs": 64}', help="vLLM engine settings (JSON)")
+    args = parser.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+    engine = json.loads(args.engine)
+    work = Path(tempfile.mkdtemp(prefix="capbench"))
+    model = args.model
+    if not model:
+        from pipeline.tiny_vlm import build_tiny_qwen2vl
+
+        model = str(build_tiny_qwen2vl(work / "tiny-qwen2vl"))
+    images_dir = make_inputs(work / "images", args.images, args.per_shard)
+    four = ["detail", "background", "main_object", "style"]
+    results = {}
+    results["raw_4p"] = raw_vllm(model, {**engine, "enable_prefix_caching": True}, images_dir, four, args.max_tokens)
+    results["pipeline_4p"] = pipeline_run(model, engine, images_dir, work / "out_4p", four, args.max_tokens, work)
+    results["pipeline_1p"] = pipeline_run(model, engine, images_dir, work / "out_1p", ["detail"], args.max_tokens, work)
+    results["pipeline_4p_nocache"] = pipeline_run(model, {**engine, "enable_prefix_caching": False}, images_dir,
+                                                  work / "out_4p_nocache", four, args.max_tokens, work)
+
+    print(f"\n{'run':24s} {'images/s':>9s} {'captions/s':>11s} {'gen tok/s':>10s} {'seconds':>8s} {'prefix hit':>10s}")
+    for name, r in results.items():
+        hit = r["prefix_cache_hit_rate"]
+        print(f"{name:24s} {r['images_per_s']:9.2f} {r['captions_per_s']:11.2f} {r['generated_tokens_per_s']:10.1f} "
+              f"{r['seconds']:8.2f} {'-' if hit is None else f'{hit:.3f}':>10s}")
+    ratios = {
+        "pipeline_over_raw_vllm": results["pipeline_4p"]["images_per_s"] / results["raw_4p"]["images_per_s"],
+        "time_4_prompts_over_1": results["pipeline_4p"]["seconds"] / results["pipeline_1p"]["seconds"],
+        "prefix_cache_speedup": results["pipeline_4p_nocache"]["seconds"] / results["pipeline_4p"]["seconds"],
+    }
+    print(f"\n(b)/(a) pipeline / raw vLLM images/s: {ratios['pipeline_over_raw_vllm']:.3f}")
+    print(f"4 prompts cost {ratios['time_4_prompts_over_1']:.2f}x the time of 1 prompt")
+    print(f"prefix caching on is {ratios['prefix_cache_speedup']:.2f}x faster than off")
+    print(json.dumps({"model": model, "images": args.images, "max_tokens": args.max_tokens, "engine": engine,
+                      "results": results, "ratios": ratios}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
