@@ -16,6 +16,7 @@ Every error names the key (`captioners[0].engine.max_modle_len: not a vLLM engin
 
 from __future__ import annotations
 
+import difflib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -222,15 +223,18 @@ def parse_config(data: Any, source: str = "<config>", base_dir: Path | None = No
         for k in sampling:
             ck.number(sampling, k, f"{where}.sampling", None)
         c.sampling = dict(sampling)
-        engine = ck.keys(raw.get("engine", {}), engine_args or set(raw.get("engine", {})), f"{where}.engine") \
-            if engine_args is not None else dict(raw.get("engine", {}))
+        engine = raw.get("engine", {})
+        if not isinstance(engine, dict):
+            ck.fail(f"{where}.engine", "must be a mapping of vLLM engine arguments")
+        for k in ("model", "revision"):
+            if k in engine:
+                ck.fail(f"{where}.engine.{k}", f"set the captioner's `{k}` instead")
         if engine_args is not None:
             for k in engine:
                 if k not in engine_args:
-                    ck.fail(f"{where}.engine.{k}", "not a vLLM engine argument")
-            for k in ("model", "revision"):
-                if k in engine:
-                    ck.fail(f"{where}.engine.{k}", f"set the captioner's `{k}` instead")
+                    close = difflib.get_close_matches(k, engine_args, n=1)
+                    ck.fail(f"{where}.engine.{k}", "not a vLLM engine argument"
+                            + (f" (did you mean {close[0]!r}?)" if close else ""))
         c.engine = {**ENGINE_DEFAULTS, **engine}
         c.replicas = ck.number(raw, "replicas", where, 1, int, 1)
         res = ck.keys(raw.get("resources", {}), _RESOURCE_KEYS, f"{where}.resources")

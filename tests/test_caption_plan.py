@@ -1,0 +1,160 @@
+"""Captioning without engines: configuration errors, planning of resumes and increments,
+provenance conflicts, merging. Fast; the engine-backed behaviour is in test_caption.py."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from caption_fixtures import captioner, make_image_dataset, write_config
+from conftest import ROOT
+from data_manifests import DatasetWriter, Sample
+from pipeline.caption import plan_job
+from pipeline.caption_config import ConfigError, load_config, parse_config
+from pipeline.caption_writer import merge_sample
+from pipeline.captioner import ShardResult
+from pipeline.provenance import conflicts, model_content_hash, text_provenance
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    return make_image_dataset(tmp_path_factory.mktemp("img") / "ds", shards=3, per_shard=2)
+
+
+@pytest.fixture
+def model_dir(tmp_path):
+    d = tmp_path / "model"
+    d.mkdir()
+    (d / "config.json").write_text('{"architectures": ["Qwen2VLForConditionalGeneration"]}')
+    (d / "model.safetensors").write_bytes(b"\0" * 4096)
+    return d
+
+
+def base(images, tmp_path, model_dir, **cap):
+    return {"input": str(images), "output": str(tmp_path / "out"),
+            "captioners": [{"name": "tiny", "model": str(model_dir), "prompts": {"set": "default"}, **cap}]}
+
+
+@pytest.mark.parametrize("mutate,message", [
+    (lambda d: d.pop("input"), r"input: missing"),
+    (lambda d: d.update(inptu="x"), r"inptu: unknown key"),
+    (lambda d: d["captioners"][0].update(engine={"max_modle_len": 4}), r"captioners\[0\]\.engine\.max_modle_len: not a vLLM engine argument"),
+    (lambda d: d["captioners"][0].update(sampling={"temprature": 0}), r"captioners\[0\]\.sampling\.temprature: unknown key"),
+    (lambda d: d["captioners"][0].update(prompts={"set": "default", "ids": ["nope"]}), r"captioners\[0\]\.prompts: .*no prompt with id 'nope'"),
+    (lambda d: d["captioners"][0].update(type="tgi"), r"captioners\[0\]\.type: 'tgi' is not one of"),
+    (lambda d: d["captioners"][0].update(replicas=0), r"captioners\[0\]\.replicas: must be at least 1"),
+    (lambda d: d["captioners"][0].update(endpoints=["http://x"]), r"captioners\[0\]\.endpoints: only for captioners of type openai"),
+    (lambda d: d["captioners"][0].update(model="/no/such/model"), r"captioners\[0\]\.model: '/no/such/model' is not a directory"),
+    (lambda d: d["captioners"].append(dict(d["captioners"][0])), r"captioners\[1\]\.name: duplicate captioner name"),
+    (lambda d: d.update(captioners=[{**d["captioners"][0], "text_id_prefix": "none"},
+                                    {**d["captioners"][0], "name": "b", "text_id_prefix": "none"}]),
+     r"text id 'detail' would be made by both 'tiny' and 'b'"),
+    (lambda d: d.update(overwrite=["nope"]), r"overwrite: 'nope' is not a text id this config makes"),
+    (lambda d: d.update(output=d["input"]), r"output: must differ from input"),
+])
+def test_config_errors_name_the_key(images, tmp_path, model_dir, mutate, message):
+    data = base(images, tmp_path, model_dir)
+    mutate(data)
+    with pytest.raises(ConfigError, match=message):
+        parse_config(data, "job.yaml")
+
+
+def test_text_ids_by_captioner_count(images, tmp_path, model_dir):
+    one = parse_config(base(images, tmp_path, model_dir), "job.yaml", check_engine_args=False)
+    assert [j.text_id for j in one.captioners[0].jobs()] == ["detail", "background", "main_object", "style"]
+    assert one.captioners[0].jobs()[0].sampling == {"temperature": 0.0, "top_p": 1.0, "seed": 0, "max_tokens": 77}
+    data = base(images, tmp_path, model_dir, prompts={"set": "one_prompt"})
+    data["captioners"].append({**data["captioners"][0], "name": "other"})
+    two = parse_config(data, "job.yaml", check_engine_args=False)
+    assert [j.text_id for c in two.captioners for j in c.jobs()] == ["tiny/detail", "other/detail"]
+
+
+def test_shipped_configs_validate():
+    for path in sorted((ROOT / "pipeline" / "configs").glob("*.yaml")):
+        data = yaml.safe_load(path.read_text())
+        for cap in data["captioners"]:
+            # Hub models are not in this machine's cache; a local dir stands in for validation.
+            if not cap["model"].startswith(("..", "/")):
+                continue
+            cap["model"] = str(ROOT)
+        parse_config(data, str(path), base_dir=path.parent)
+
+
+def _prov(model_dir, cfg):
+    cap = cfg.captioners[0]
+    model = {"name": cap.name, "model": cap.model, "content_hash": model_content_hash(model_dir)}
+    return {j.text_id: text_provenance(model, cap.prompt_set.name, cap.prompt_set.content_hash, j, {})
+            for j in cap.jobs()}
+
+
+def test_plan_resume_increment_and_overwrite(images, tmp_path, model_dir):
+    from data_manifests import load_manifest
+
+    cfg = parse_config(base(images, tmp_path, model_dir, prompts={"set": "default", "ids": ["detail"]}),
+                       "job.yaml", check_engine_args=False)
+    prov = _prov(model_dir, cfg)
+    writer = DatasetWriter(cfg.output, stage="caption")
+    plans, skipped = plan_job(cfg, prov, writer, load_manifest(images))
+    assert [p.name for p in plans] == ["00000.tar", "00001.tar", "00002.tar"] and not skipped
+    assert plans[0].work == {"tiny": []} and plans[0].source == str(images / "00000.tar")
+
+    # Shard 0 done with this identity: a resume skips it.
+    from pipeline.caption_writer import write_captioned_shard
+    from data_manifests import ShardInfo, TextStats
+
+    out = write_captioned_shard(str(images / "00000.tar"), str(writer.shard_path("00000.tar")),
+                                [ShardResult(texts={"000000000": {"detail": "a"}, "000000001": {"detail": "b"}})])
+    writer.commit(ShardInfo(**out["info"]), TextStats(out["stats"]), extra={"text_identities": plans[0].identities})
+    plans, _ = plan_job(cfg, prov, writer, load_manifest(images))
+    assert [p.name for p in plans] == ["00001.tar", "00002.tar"]
+
+    # A new prompt: shard 0 is read from the output (its texts kept) and only 'style' is made.
+    cfg2 = parse_config(base(images, tmp_path, model_dir, prompts={"set": "default", "ids": ["detail", "style"]}),
+                        "job.yaml", check_engine_args=False)
+    plans, _ = plan_job(cfg2, _prov(model_dir, cfg2), writer, load_manifest(images))
+    assert plans[0].name == "00000.tar" and plans[0].source == str(writer.shard_path("00000.tar"))
+    assert plans[0].work == {"tiny": []}
+
+    # A changed model under 'detail' is a conflict unless overwritten; then it is redone everywhere.
+    (model_dir / "model.safetensors").write_bytes(b"\1" * 4096)
+    prov3 = _prov(model_dir, cfg)
+    problems = conflicts(writer.manifest.texts | {"detail": prov["detail"]}, prov3, overwrite=[])
+    assert len(problems) == 1 and "text id 'detail' already exists" in problems[0] and "overwrite" in problems[0]
+    assert conflicts({"detail": prov["detail"]}, prov3, overwrite=["detail"]) == []
+    plans, _ = plan_job(cfg, prov3, writer, load_manifest(images))
+    assert plans[0].name == "00000.tar" and plans[0].work == {"tiny": ["detail"]}
+
+
+def test_merge_keeps_other_texts_and_replaces_errors():
+    s = Sample("k", b"x", "jpg", texts={"raw": "r", "detail": "old"}, flags={"detail": ["truncated"]},
+               errors={"style": "image could not be decoded"})
+    merge_sample(s, [ShardResult(texts={"k": {"detail": "new", "style": "calm"}}, flags={"k": {"style": ["repetition"]}}),
+                     ShardResult(errors={"k": {"llava/detail": "request rejected: too long"}})])
+    assert s.texts == {"raw": "r", "detail": "new", "style": "calm"}
+    assert s.flags == {"style": ["repetition"]} and s.errors == {"llava/detail": "request rejected: too long"}
+
+
+def test_cli_rejects_bad_config_and_missing_model_before_any_work(images, tmp_path, model_dir):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({**base(images, tmp_path, model_dir), "captioners": [
+        {"name": "x", "model": str(tmp_path / "missing-model"), "prompts": {"set": "default"}}]}))
+    r = subprocess.run([sys.executable, "-m", "pipeline.caption", "--config", str(bad)], capture_output=True,
+                       text=True, cwd=ROOT)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "captioners[0].model" in r.stderr and "missing-model" in r.stderr and "is not a directory" in r.stderr
+    assert not (tmp_path / "out").exists()
+    empty = tmp_path / "empty-model"
+    empty.mkdir()
+    cfg = write_config(tmp_path / "job.yaml", images, tmp_path / "out2", [captioner("x", empty, {"set": "default"})])
+    r = subprocess.run([sys.executable, "-m", "pipeline.caption", "--config", str(cfg)], capture_output=True,
+                       text=True, cwd=ROOT)
+    assert r.returncode == 2 and "has no config.json" in r.stderr
+    r = subprocess.run([sys.executable, "-m", "pipeline.caption", "--config", str(tmp_path / "nope.yaml")],
+                       capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 2 and "config file not found" in r.stderr
+    r = subprocess.run([sys.executable, "-m", "pipeline.caption", "--help"], capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 0 and "ray job submit" in r.stdout
