@@ -140,13 +140,19 @@ def _submission_id(stdout: str) -> str:
     return re.search(r"Job '([^']+)' submitted successfully", stdout).group(1)
 
 
-def test_killed_driver_resumes_to_the_same_texts(ray_cluster, reference, models, images, tmp_path):
+def _start_until_first_shard(cluster, models, images, tmp_path) -> tuple[Path, str]:
+    """Submit the reference config without waiting; return once one shard is finished."""
     config = write_config(tmp_path / "job.yaml", images, tmp_path / "out",
                           [captioner("tiny-qwen", models["qwen"], TWO_PROMPTS, max_shards_in_flight=1)])
-    r = submit(ray_cluster, config, no_wait=True)
+    r = submit(cluster, config, no_wait=True)
     assert r.returncode == 0, r.stderr
     job = _submission_id(r.stdout)
     _wait_for_records(tmp_path / "out", 1)
+    return config, job
+
+
+def test_killed_driver_resumes_to_the_same_texts(ray_cluster, reference, models, images, tmp_path):
+    config, job = _start_until_first_shard(ray_cluster, models, images, tmp_path)
     # The job's entrypoint runs as `sh -c "python -m ..."`: the driver is the python process.
     drivers = [p for p in _processes(rf"pipeline\.caption --config {re.escape(str(config))}")
                if p.name().startswith("python")]
@@ -165,12 +171,7 @@ def test_killed_driver_resumes_to_the_same_texts(ray_cluster, reference, models,
 
 
 def test_killed_actor_is_replaced_and_the_job_completes(ray_cluster, reference, models, images, tmp_path):
-    config = write_config(tmp_path / "job.yaml", images, tmp_path / "out",
-                          [captioner("tiny-qwen", models["qwen"], TWO_PROMPTS, max_shards_in_flight=1)])
-    r = submit(ray_cluster, config, no_wait=True)
-    assert r.returncode == 0, r.stderr
-    job = _submission_id(r.stdout)
-    _wait_for_records(tmp_path / "out", 1)
+    config, job = _start_until_first_shard(ray_cluster, models, images, tmp_path)
     actors = [p for p in _processes(r"^ray::CaptionActor") if p.is_running()]
     assert actors, "no caption actor process found"
     for p in actors:
