@@ -19,5 +19,10 @@ demo: setup
 	@echo "built yet; it lands with the end-to-end issue. Until then see README 'Stages'."
 	@exit 2
 
+bench: setup
+	$(PY) bench/caption_throughput.py
+	$(PY) bench/ingest_throughput.py
+	$(PY) bench/train_throughput.py
+
 clean:
 	rm -rf .pytest_cache build *.egg-info

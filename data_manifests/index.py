@@ -25,8 +25,14 @@ def _img2dataset_stats(shard: Path) -> dict[str, Any]:
         stats = json.loads(path.read_text())
     except (OSError, ValueError):
         return {}
-    keep = ("count", "successes", "failed_to_download", "failed_to_resize", "status_dict")
-    return {"img2dataset": {k: stats[k] for k in keep if k in stats}}
+    keep = ("count", "successes", "failed_to_download", "failed_to_resize")
+    out = {k: stats[k] for k in keep if k in stats}
+    status = stats.get("status_dict")
+    if isinstance(status, dict):
+        # img2dataset's messages can embed URLs: keep the 20 most frequent, not one per URL.
+        top = sorted(status.items(), key=lambda kv: -kv[1] if isinstance(kv[1], (int, float)) else 0)[:20]
+        out["status_dict"] = dict(top)
+    return {"img2dataset": out}
 
 
 def index_dataset(root: str | Path, *, progress: bool = False, force: bool = False) -> DatasetWriter:

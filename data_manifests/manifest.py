@@ -276,6 +276,10 @@ class DatasetWriter:
             info = shard.close()
         return self.commit(info, stats, failed_samples=failed_samples, extra=extra)
 
+    def reset(self, name: str) -> None:
+        """Forget what a previous run concluded about a shard that is about to be redone."""
+        self.manifest.shards[name] = ShardEntry(name=name)
+
     def fail(self, name: str, reason: str) -> None:
         entry = self.manifest.shards.get(name) or ShardEntry(name=name)
         if entry.status != COMPLETE:

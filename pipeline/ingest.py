@@ -54,7 +54,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from data_manifests import COMPLETE, RAW, DatasetWriter, ManifestError, ShardEntry, atomic_write_json
+from data_manifests import COMPLETE, RAW, DatasetWriter, ManifestError, atomic_write_json
 from data_manifests.manifest import read_json
 
 from .convert import ConvertOptions, convert_shard, reason_of, top_reasons
@@ -247,7 +247,7 @@ class DownloadRun:
         writer.expect(names)
         for name in names:
             if not writer.is_complete(name):
-                writer.manifest.shards[name] = ShardEntry(name=name)  # a previous run's verdict is stale
+                writer.reset(name)  # a previous run's verdict is stale
         if cfg.caption_col:
             writer.set_texts({RAW: {"kind": "alt_text", "source": state["source"]["path"], "column": cfg.caption_col,
                                     "note": f"alt-text from column {cfg.caption_col!r} of the URL list"}})
