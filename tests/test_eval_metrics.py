@@ -1,0 +1,206 @@
+"""Metric, fusion and branch-analysis code against hand-computed values and brute force (no model)."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from eval import retrieval as retrieval_module
+from eval.branches import branch_text_similarity
+from eval.fusion import Fusion, FusionError, Scorer, branch_score_stats, parse_branches
+from eval.metrics import ranks, recall_at_k, topk_accuracy
+from eval.retrieval import Captions, evaluate_retrieval, retrieval_recalls
+
+
+def one_caption_each(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.arange(n), torch.arange(n)
+
+
+# ----------------------------------------------------------------------------- ranks and recall
+
+
+def test_identical_embeddings_give_perfect_recall():
+    emb = F.normalize(torch.randn(50, 16, generator=torch.Generator().manual_seed(0)), dim=-1)
+    result = retrieval_recalls(emb[:, None], emb, *one_caption_each(50), Fusion())
+    assert result["i2t"] == {"R@1": 1.0, "R@5": 1.0, "R@10": 1.0}
+    assert result["t2i"] == {"R@1": 1.0, "R@5": 1.0, "R@10": 1.0}
+
+
+def test_planted_permutation_gives_known_recalls():
+    # Query i ranks candidate j at position (j - i + shift_i) mod n, so its positive (j = i) is at rank shift_i.
+    shifts = [0, 0, 1, 2, 4, 5, 7, 9, 10, 12, 0, 3, 15, 6, 11, 8]
+    n = len(shifts)
+    order = torch.tensor([[(j - i + s) % n for j in range(n)] for i, s in enumerate(shifts)])
+    scores = 1.0 - order.float() / n
+    got = ranks(scores, torch.eye(n, dtype=torch.bool))
+    assert got.tolist() == shifts
+    assert recall_at_k(got) == {1: 3 / 16, 5: 7 / 16, 10: 12 / 16}
+    # The same through retrieval_recalls: image i is the one-hot e_i, text j the column j of scores.
+    result = retrieval_recalls(torch.eye(n)[:, None], scores.T.contiguous(), *one_caption_each(n), Fusion())
+    assert result["i2t"] == {"R@1": 3 / 16, "R@5": 7 / 16, "R@10": 12 / 16}
+
+
+def test_a_tie_with_a_negative_counts_against_the_query():
+    scores = torch.tensor([[0.5, 0.5, 0.2], [0.5, 0.5, 0.2], [0.3, 0.3, 0.3]])
+    positives = torch.tensor([[True, False, False], [True, True, False], [False, False, True]])
+    # Row 0: a negative ties the positive -> rank 1. Row 1: a tie between two positives costs nothing.
+    # Row 2: a collapsed model (all scores equal) puts the positive last.
+    assert ranks(scores, positives).tolist() == [1, 0, 2]
+    assert topk_accuracy(torch.tensor([[1.0, 1.0, 0.0]]), torch.tensor([1]), ks=(1, 2)) == {1: 0.0, 2: 1.0}
+    assert topk_accuracy(torch.tensor([[0.1, 0.9, 0.5], [0.8, 0.1, 0.5]]), torch.tensor([1, 2]), ks=(1, 2)) == {1: 0.5, 2: 1.0}
+
+
+def test_every_query_needs_a_positive():
+    with pytest.raises(ValueError, match="at least one positive"):
+        ranks(torch.zeros(2, 3), torch.tensor([[True, False, False], [False, False, False]]))
+
+
+def test_several_captions_per_image():
+    # 3 images, 2 captions each (caption c belongs to image c // 2); scores hand-set below.
+    images, strings = torch.tensor([0, 0, 1, 1, 2, 2]), torch.arange(6)
+    s = torch.tensor([  # image x caption
+        [0.1, 0.9, 0.8, 0.0, 0.0, 0.0],  # image 0: its caption 1 is first -> rank 0
+        [0.7, 0.6, 0.5, 0.4, 0.0, 0.0],  # image 1: best own caption (2, 0.5) behind captions 0, 1 -> rank 2
+        [0.9, 0.8, 0.7, 0.6, 0.5, 0.1],  # image 2: best own caption (4, 0.5) behind four -> rank 4
+    ])
+    result = retrieval_recalls(torch.eye(3)[:, None], s.T.contiguous(), images, strings, Fusion(), ks=(1, 3, 5))
+    assert result["i2t"] == {"R@1": pytest.approx(1 / 3), "R@3": pytest.approx(2 / 3), "R@5": 1.0}
+    # T2I, caption by caption: its image against the 3 images (a column of s). Caption 0 scores
+    # (0.1, 0.7, 0.9) and belongs to image 0 -> rank 2; likewise 1 -> 0, 2 -> 2, 3 -> 1, 4 -> 0, 5 -> 0.
+    t2i = ranks(s.T, F.one_hot(images, 3).bool())
+    assert t2i.tolist() == [2, 0, 2, 1, 0, 0]
+    assert result["t2i"] == {"R@1": 0.5, "R@3": 1.0, "R@5": 1.0}
+    assert (result["images"], result["captions"], result["distinct_texts"]) == (3, 6, 6)
+
+
+def test_identical_strings_are_one_text_of_several_images():
+    # Images 0 and 1 both have the caption "gray" (string 0); image 2 has "pink" (string 1).
+    images, strings = torch.tensor([0, 1, 2]), torch.tensor([0, 0, 1])
+    text = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    image = torch.tensor([[0.9, 0.1], [0.8, 0.2], [0.3, 0.7]])[:, None]
+    result = retrieval_recalls(image, text, images, strings, Fusion(), ks=(1,))
+    assert result["i2t"]["R@1"] == 1.0 and result["t2i"]["R@1"] == 1.0  # "gray" retrieving image 0 or 1 is right
+    assert result["distinct_texts"] == 2 and result["captions"] == 3
+
+
+def test_unique_strings_with_multiplicity_equal_caption_level_ranking():
+    """The string-level computation gives exactly the caption-level protocol, duplicates and all."""
+    g = torch.Generator().manual_seed(3)
+    n, d = 12, 6
+    image = F.normalize(torch.randn(n, 2, d, generator=g), dim=-1)
+    string_emb = F.normalize(torch.randn(5, d, generator=g), dim=-1)
+    image_index = torch.tensor([i for i in range(n) for _ in range(2)][:20])
+    string_index = torch.randint(0, 5, (20,), generator=g)
+    result = retrieval_recalls(image, string_emb, image_index, string_index, Fusion("max"), ks=(1, 2, 3))
+    # Brute force over every caption: caption c is a positive of image i if i has a caption with c's string.
+    has = {(int(i), int(s)) for i, s in zip(image_index, string_index)}
+    scores = (image @ string_emb[string_index].T).amax(dim=1)  # (n, captions)
+    positives = torch.tensor([[(i, int(s)) in has for s in string_index] for i in range(n)])
+    queries = positives.any(dim=1)
+    want_i2t = recall_at_k(ranks(scores[queries], positives[queries]), (1, 2, 3))
+    want_t2i = recall_at_k(ranks(scores.T, positives.T), (1, 2, 3))
+    assert result["i2t"] == pytest.approx({f"R@{k}": v for k, v in want_i2t.items()})
+    assert result["t2i"] == pytest.approx({f"R@{k}": v for k, v in want_t2i.items()})
+
+
+def test_blocks_give_the_same_numbers(monkeypatch):
+    g = torch.Generator().manual_seed(1)
+    image = F.normalize(torch.randn(40, 3, 8, generator=g), dim=-1)
+    text = F.normalize(torch.randn(70, 8, generator=g), dim=-1)
+    image_index, string_index = torch.randint(0, 40, (70,), generator=g), torch.arange(70)
+    for method in ("average", "max", "norm-max"):
+        whole = retrieval_recalls(image, text, image_index, string_index, Fusion(method))
+        monkeypatch.setattr(retrieval_module, "BLOCK_ELEMENTS", 50)  # a few rows per block
+        blocked = retrieval_recalls(image, text, image_index, string_index, Fusion(method))
+        monkeypatch.undo()
+        assert blocked == whole
+
+
+def test_per_text_id_and_pooled():
+    texts = [{"a": "x0", "b": "y0"}, {"a": "x1"}, {"a": "x2", "b": "y2"}]
+    captions = Captions.collect(texts, ["a", "b"])
+    assert captions.strings == ["x0", "y0", "x1", "x2", "y2"]
+    emb = torch.eye(5)
+    image = torch.stack([emb[0] + emb[1], emb[2], emb[3] + emb[4]])[:, None]
+    out = evaluate_retrieval(image, emb, captions, ["a", "b"], Fusion())
+    assert list(out) == ["a", "b", "all"]
+    assert out["b"]["images"] == 2 and out["b"]["captions"] == 2  # image 1 has no "b": not an I2T query for "b"
+    assert out["all"]["captions"] == 5 and all(v == 1.0 for v in out["all"]["i2t"].values())
+
+
+# ----------------------------------------------------------------------------- fusion
+
+
+def test_fusion_methods_by_hand():
+    image = torch.tensor([[[1.0, 0.0], [0.0, 1.0]]])  # one image, two branches
+    text = torch.tensor([[0.6, 0.8], [1.0, 0.0]])
+    assert torch.allclose(Scorer(image, text, Fusion("average")).scores(), torch.tensor([[0.7, 0.5]]))
+    assert torch.allclose(Scorer(image, text, Fusion("max")).scores(), torch.tensor([[0.8, 1.0]]))
+    assert torch.allclose(Scorer(image, text, Fusion("average", (1,))).scores(), torch.tensor([[0.8, 0.0]]))
+    # Average of branch scores = score of the (unrenormalised) mean branch embedding, as in METHOD.md.
+    g = torch.Generator().manual_seed(0)
+    image, text = F.normalize(torch.randn(7, 3, 5, generator=g), dim=-1), F.normalize(torch.randn(9, 5, generator=g), dim=-1)
+    assert torch.allclose(Scorer(image, text, Fusion()).scores(), image.mean(1) @ text.T, atol=1e-6)
+
+
+def test_norm_max_statistics_are_those_of_the_whole_matrix():
+    g = torch.Generator().manual_seed(0)
+    image, text = F.normalize(torch.randn(11, 3, 4, generator=g), dim=-1), F.normalize(torch.randn(6, 4, generator=g), dim=-1)
+    weights = torch.tensor([1, 2, 1, 3, 1, 1])
+    per_branch = torch.einsum("nhd,md->hnm", image, text)
+    mean, std = branch_score_stats(image, text)
+    assert torch.allclose(mean, per_branch.mean(dim=(1, 2)), atol=1e-6)
+    assert torch.allclose(std, per_branch.flatten(1).std(dim=1, unbiased=False), atol=1e-6)
+    repeated = per_branch.repeat_interleave(weights, dim=2)  # a weight counts a text that many times
+    mean, std = branch_score_stats(image, text, weights)
+    assert torch.allclose(mean, repeated.mean(dim=(1, 2)), atol=1e-6)
+    assert torch.allclose(std, repeated.flatten(1).std(dim=1, unbiased=False), atol=1e-6)
+    z = (per_branch - per_branch.mean(dim=(1, 2), keepdim=True)) / per_branch.flatten(1).std(dim=1, unbiased=False)[:, None, None]
+    assert torch.allclose(Scorer(image, text, Fusion("norm-max")).scores(), z.amax(dim=0), atol=1e-5)
+
+
+def test_one_branch_ranks_the_same_with_every_fusion():
+    g = torch.Generator().manual_seed(2)
+    image, text = F.normalize(torch.randn(30, 1, 8, generator=g), dim=-1), F.normalize(torch.randn(30, 8, generator=g), dim=-1)
+    results = [retrieval_recalls(image, text, *one_caption_each(30), Fusion(m)) for m in ("average", "max", "norm-max")]
+    assert results[0] == results[1] == results[2]
+
+
+def test_branch_subsets():
+    names = ["raw", "background", None]
+    assert parse_branches(None, names) is None and parse_branches("all", names) is None
+    assert parse_branches("2,0", names) == (2, 0)
+    assert parse_branches("background,0", names) == (1, 0)
+    for spec, message in (("3", "does not exist"), ("style", "neither a branch index"), ("0,raw", "listed twice")):
+        with pytest.raises(FusionError, match=message):
+            parse_branches(spec, names)
+    with pytest.raises(FusionError, match="not one of"):
+        Fusion("mean")
+    assert Fusion("max", (0, 2)).label == "max[0,2]"
+
+
+# ----------------------------------------------------------------------------- branch analysis
+
+
+def test_branch_analysis_matches_brute_force():
+    g = torch.Generator().manual_seed(4)
+    n, h, d = 9, 3, 5
+    image = F.normalize(torch.randn(n, h, d, generator=g), dim=-1)
+    texts = [{"a": f"a{i}", "b": f"b{i % 3}"} for i in range(n)]
+    del texts[4]["b"]
+    captions = Captions.collect(texts, ["a", "b"])
+    string_emb = F.normalize(torch.randn(len(captions.strings), d, generator=g), dim=-1)
+    out = branch_text_similarity(image, string_emb, captions, ["a", "b"], ["a", "b", None])
+    for j, t in enumerate(["a", "b"]):
+        own, other = [], []
+        for i, c in itertools.product(range(n), range(n)):
+            if t in texts[c]:
+                sim = image[i] @ string_emb[captions.strings.index(texts[c][t])]
+                (own if i == c else other).append(sim)
+        assert torch.allclose(torch.tensor(out["matched"])[:, j], torch.stack(own).mean(0), atol=1e-6)
+        assert torch.allclose(torch.tensor(out["unmatched"])[:, j], torch.stack(other).mean(0), atol=1e-6)
+    assert out["branches"] == ["0 (a)", "1 (b)", "2"]
+    assert set(out["best_branch"]) == {"a", "b"} and len(out["best_text_id"]) == h
