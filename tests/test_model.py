@@ -143,6 +143,26 @@ def test_text_pools_at_end_token_with_causal_mask():
         assert not torch.allclose(model.encode_text(before_end), base, atol=1e-3)
 
 
+def test_text_pools_at_last_non_pad_token():
+    # text_pool "last" (any tokenizer whose end token is not its largest id): the embedding is read
+    # at the last position that is not pad_token_id, and padding after it does not matter.
+    model = build(text_pool="last", pad_token_id=5)
+    ids = torch.full((2, TINY.context_length), 5, dtype=torch.long)
+    ids[0, :4] = torch.tensor([7, 8, 9, 1])  # the last real token (1) is not the largest id (9)
+    ids[1, :2] = torch.tensor([7, 3])
+    argmax = build(text_pool="argmax")
+    with torch.no_grad():
+        base = model.encode_text(ids)
+        changed = ids.clone()
+        changed[0, 4:] = 5  # more padding: nothing moves
+        assert torch.allclose(model.encode_text(changed), base)
+        changed[0, 6] = 11  # a real token later on: the pooled position moves there
+        assert not torch.allclose(model.encode_text(changed)[0], base[0], atol=1e-4)
+        # Same weights, argmax pooling reads position 2 (id 9) instead of 3: another embedding.
+        argmax.load_state_dict(model.state_dict())
+        assert not torch.allclose(argmax.encode_text(ids)[0], base[0], atol=1e-4)
+
+
 def test_gradients_reach_every_parameter():
     model = build("mlp", 3).train()
     out = model(images(2), tokens(2, 2))
@@ -214,6 +234,8 @@ def write_config(tmp_path, **changes):
         ({"vision_heads": 3}, "'vision_width' must be divisible by 'vision_heads'"),
         ({"branch": "attention"}, "'branch' must be one of"),
         ({"num_branches": 3}, "'num_branches' must be 1 when branch is 'none'"),
+        ({"text_pool": "first"}, "'text_pool' must be one of ('argmax', 'last')"),
+        ({"pad_token_id": -1}, "'pad_token_id' must be a non-negative integer"),
     ],
 )
 def test_config_errors_name_file_and_key(tmp_path, changes, message):

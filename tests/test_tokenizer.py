@@ -40,6 +40,7 @@ def test_known_encodings(tok, text, ids):
 
 
 def test_vocabulary_and_special_tokens(tok):
+    assert (tok.pad_token_id, tok.text_pool) == (0, "argmax")  # what the model config gets
     assert tok.vocab_size == 49408
     assert (tok.sot_token_id, tok.eot_token_id) == (SOT, EOT)
     assert tok.context_length == 77 and tok.name == "clip"
@@ -123,3 +124,17 @@ def test_hugging_face_tokenizer_directory(tmp_path):
     out = tok(["a cat", "a dog a cat a dog"])
     assert out.dtype == torch.long
     assert out.tolist() == [[2, 3, 0, 0], [2, 4, 2, 3]]
+    assert (tok.pad_token_id, tok.text_pool) == (0, "last")  # its end token is not its largest id
+
+
+def test_hugging_face_tokenizer_without_pad_token(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    # GPT-2-like: no pad token, an end-of-sequence token: padding uses the end token's id.
+    raw = Tokenizer(models.WordLevel({"<eos>": 0, "[UNK]": 1, "a": 2, "cat": 3}, unk_token="[UNK]"))
+    raw.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=raw, eos_token="<eos>", unk_token="[UNK]")
+    fast.save_pretrained(tmp_path)
+    tok = load_tokenizer(tmp_path, context_length=5)
+    assert tok.pad_token_id == 0 and tok(["a cat"]).tolist() == [[2, 3, 0, 0, 0]]

@@ -1,0 +1,78 @@
+"""Image transforms with PIL, numpy and torch only (no torchvision at run time, ENVIRONMENT.md).
+
+Training: random resized crop (area scale 0.9-1.0 and aspect ratio 3/4-4/3, as the paper's
+RandomResizedCrop), bicubic resize, CLIP normalisation. Evaluation: resize the shorter side,
+centre crop, same normalisation. Randomness comes from an explicit random.Random so the data
+stream can reproduce every crop when a run resumes.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+
+import numpy as np
+import torch
+from PIL import Image
+
+# OpenAI CLIP's normalisation (the statistics its image tower was trained with).
+MEAN = (0.48145466, 0.4578275, 0.40821073)
+STD = (0.26862954, 0.26130258, 0.27577711)
+RATIO = (3 / 4, 4 / 3)
+
+
+def to_tensor(image: Image.Image) -> torch.Tensor:
+    """RGB PIL image -> normalised float tensor (3, H, W)."""
+    array = np.asarray(image, dtype=np.float32) / 255.0
+    array = (array - np.asarray(MEAN, dtype=np.float32)) / np.asarray(STD, dtype=np.float32)
+    return torch.from_numpy(array.transpose(2, 0, 1).copy())
+
+
+def random_crop_box(width: int, height: int, scale: tuple[float, float], rng: random.Random) -> tuple[int, int, int, int]:
+    """torchvision's RandomResizedCrop.get_params: a box of random area and aspect ratio.
+
+    Ten tries at a box that fits; otherwise the largest centred box of ratio in RATIO.
+    Returns (left, top, right, bottom).
+    """
+    area = width * height
+    log_ratio = (math.log(RATIO[0]), math.log(RATIO[1]))
+    for _ in range(10):
+        target = area * rng.uniform(*scale)
+        ratio = math.exp(rng.uniform(*log_ratio))
+        w = round(math.sqrt(target * ratio))
+        h = round(math.sqrt(target / ratio))
+        if 0 < w <= width and 0 < h <= height:
+            left = rng.randint(0, width - w)
+            top = rng.randint(0, height - h)
+            return left, top, left + w, top + h
+    in_ratio = width / height
+    if in_ratio < RATIO[0]:
+        w, h = width, round(width / RATIO[0])
+    elif in_ratio > RATIO[1]:
+        w, h = round(height * RATIO[1]), height
+    else:
+        w, h = width, height
+    left, top = (width - w) // 2, (height - h) // 2
+    return left, top, left + w, top + h
+
+
+def train_transform(image: Image.Image, size: int, scale: tuple[float, float], rng: random.Random) -> torch.Tensor:
+    """Random resized crop to size x size, then normalise."""
+    image = image.convert("RGB")
+    box = random_crop_box(image.width, image.height, scale, rng)
+    return to_tensor(image.resize((size, size), Image.Resampling.BICUBIC, box=box))
+
+
+def eval_transform(image: Image.Image, size: int) -> torch.Tensor:
+    """Resize the shorter side to `size` (bicubic), centre crop size x size, normalise."""
+    image = image.convert("RGB")
+    factor = size / min(image.width, image.height)
+    w, h = max(size, round(image.width * factor)), max(size, round(image.height * factor))
+    image = image.resize((w, h), Image.Resampling.BICUBIC)
+    left, top = (w - size) // 2, (h - size) // 2
+    return to_tensor(image.crop((left, top, left + size, top + size)))
+
+
+def preprocess_spec(size: int) -> dict:
+    """What an evaluator needs to reproduce eval_transform; recorded in exported checkpoints."""
+    return {"image_size": size, "resize": "shorter side, bicubic", "crop": "center", "mean": list(MEAN), "std": list(STD)}
