@@ -129,7 +129,10 @@ def load_exported(path: str | Path, device: str | torch.device = "cpu", verify: 
         raise ExportError(f"{path / 'config.json'}: invalid JSON ({e})") from None
     if meta.get("format") != FORMAT:
         raise ExportError(f"{path / 'config.json'}: format {meta.get('format')!r}, expected {FORMAT!r}")
-    cfg = ModelConfig(**meta["model"])
+    try:
+        cfg = ModelConfig(**meta["model"])
+    except (KeyError, TypeError, ValueError) as e:  # missing section, unknown or invalid field
+        raise ExportError(f"{path / 'config.json'}: not a valid export ({type(e).__name__}: {e})") from None
     model = HolisticCLIP(cfg)
     try:
         state = load_file(str(path / "model.safetensors"))
@@ -138,7 +141,11 @@ def load_exported(path: str | Path, device: str | torch.device = "cpu", verify: 
     try:
         model.load_state_dict(state)
     except RuntimeError as e:  # missing, unexpected or mis-shaped tensors
-        raise ExportError(f"{path / 'model.safetensors'}: does not match config.json ({e})") from None
+        # PyTorch lists every mismatched tensor; the first line and one example are enough here.
+        details = [line.strip() for line in str(e).splitlines() if line.strip()]
+        example = next((d for d in details[1:] if "size mismatch" in d or "Missing" in d or "Unexpected" in d), "")
+        raise ExportError(f"{path / 'model.safetensors'}: does not match config.json "
+                          f"({len(details) - 1} problems, e.g. {example[:200]})") from None
     model = model.to(device).eval()
 
     name = meta["tokenizer"]["name"]
