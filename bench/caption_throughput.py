@@ -81,7 +81,7 @@ def raw_vllm(model: str, engine: dict, images_dir: Path, prompt_ids: list[str], 
 
 
 def pipeline_run(model: str, engine: dict, images_dir: Path, out: Path, prompt_ids: list[str],
-                 max_tokens: int, work: Path) -> dict:
+                 max_tokens: int, work: Path, actor_cpus: float) -> dict:
     """(b): the real job on an embedded local Ray; figures from the manifest it writes."""
     import yaml
 
@@ -96,7 +96,9 @@ def pipeline_run(model: str, engine: dict, images_dir: Path, out: Path, prompt_i
     config.write_text(yaml.safe_dump({"input": str(images_dir), "output": str(out), "captioners": [{
         "name": "bench", "model": model, "prompts": {"set": str(prompt_set)}, "engine": engine,
         "sampling": {"temperature": 0.0}, "max_shards_in_flight": 2, "max_images_in_flight": 128,
-        "resources": {"num_cpus": 1}}]}))
+        # Ray sets OMP_NUM_THREADS to an actor's CPU count and the engine process inherits it:
+        # give the actor the CPUs the raw script's engine gets (all of them, by default).
+        "resources": {"num_cpus": actor_cpus}}]}))
     env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
     r = subprocess.run([sys.executable, "-m", "pipeline.caption", "--config", str(config), "--no-progress"],
                        cwd=ROOT, capture_output=True, text=True, env=env)
@@ -115,6 +117,8 @@ def main() -> int:
     parser.add_argument("--images", type=int, default=96)
     parser.add_argument("--per-shard", type=int, default=24)
     parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--actor-cpus", type=float, default=float(os.cpu_count() or 1),
+                        help="CPUs reserved by the pipeline's engine actor (default: all)")
     parser.add_argument("--engine", default='{"dtype": "bfloat16", "max_model_len": 1024, "enforce_eager": true, '
                                             '"max_num_seqs": 64}', help="vLLM engine settings (JSON)")
     args = parser.parse_args()
@@ -131,10 +135,10 @@ def main() -> int:
     four = ["detail", "background", "main_object", "style"]
     results = {}
     results["raw_4p"] = raw_vllm(model, {**engine, "enable_prefix_caching": True}, images_dir, four, args.max_tokens)
-    results["pipeline_4p"] = pipeline_run(model, engine, images_dir, work / "out_4p", four, args.max_tokens, work)
-    results["pipeline_1p"] = pipeline_run(model, engine, images_dir, work / "out_1p", ["detail"], args.max_tokens, work)
+    results["pipeline_4p"] = pipeline_run(model, engine, images_dir, work / "out_4p", four, args.max_tokens, work, args.actor_cpus)
+    results["pipeline_1p"] = pipeline_run(model, engine, images_dir, work / "out_1p", ["detail"], args.max_tokens, work, args.actor_cpus)
     results["pipeline_4p_nocache"] = pipeline_run(model, {**engine, "enable_prefix_caching": False}, images_dir,
-                                                  work / "out_4p_nocache", four, args.max_tokens, work)
+                                                  work / "out_4p_nocache", four, args.max_tokens, work, args.actor_cpus)
 
     print(f"\n{'run':24s} {'images/s':>9s} {'captions/s':>11s} {'gen tok/s':>10s} {'seconds':>8s} {'prefix hit':>10s}")
     for name, r in results.items():
