@@ -31,7 +31,7 @@ from PIL import Image
 
 from data_manifests import COMPLETE, ShardReader, load_manifest
 from data_manifests.verify import verify_dataset
-from helpers import snapshot
+from helpers import snapshot, write_raw_tar
 from http_server import BAD_KINDS, ImageServer
 from pipeline.convert import reason_of
 from pipeline.ingest import main
@@ -467,16 +467,6 @@ def test_conforming_shards_are_indexed_in_place_without_copying(mixed_500, tmp_p
     assert verify_dataset(out).ok
 
 
-def _tar(path: Path, members: list[tuple[str, bytes]]) -> None:
-    import tarfile
-
-    with tarfile.open(path, "w") as tar:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-
-
 def _img(fmt: str, size=(30, 20), color=(200, 10, 10)) -> bytes:
     buf = io.BytesIO()
     Image.new("RGB", size, color).save(buf, fmt)
@@ -486,11 +476,11 @@ def _img(fmt: str, size=(30, 20), color=(200, 10, 10)) -> bytes:
 def test_generic_webdataset_is_converted_with_failures_recorded(tmp_path):
     src = tmp_path / "generic"
     src.mkdir()
-    _tar(src / "a.tar", [("s1.jpg", _img("JPEG")), ("s1.caption", b"first caption"),
+    write_raw_tar(src / "a.tar", [("s1.jpg", _img("JPEG")), ("s1.caption", b"first caption"),
                          ("s2.png", _img("PNG")), ("s2.json", json.dumps({"caption": "second", "license": "cc-by"}).encode()),
                          ("s3.gif", _img("GIF")), ("s3.caption", b"a gif"),
                          ("s4.jpg", b"\xff\xd8\xff\xe0 not really a jpeg"), ("s4.caption", b"broken")])
-    _tar(src / "b.tar", [("dir/odd key.jpg", _img("JPEG", color=(1, 2, 3))), ("dir/odd key.caption", b"odd key"),
+    write_raw_tar(src / "b.tar", [("dir/odd key.jpg", _img("JPEG", color=(1, 2, 3))), ("dir/odd key.caption", b"odd key"),
                          ("s5.jpg", _img("PNG")), ("s5.caption", b"png bytes named jpg")])
     out = tmp_path / "out"
     assert main(["--from-webdataset", str(src), "--out", str(out), "--caption-col", "caption", "--no-progress"]) == 0
