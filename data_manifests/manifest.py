@@ -166,11 +166,27 @@ def _read_records(root: Path) -> dict[str, dict[str, Any]]:
     return records
 
 
+def _has_newer_records(root: Path, than_ns: int) -> bool:
+    # `>=`: on file systems with coarse timestamps a record written in the same tick as the
+    # manifest may or may not be in it; reading the records then is merely redundant.
+    rdir = root / RECORDS_DIR
+    if not rdir.is_dir():
+        return False
+    with os.scandir(rdir) as it:
+        return any(e.name.endswith(".json") and not e.name.startswith(".") and e.stat().st_mtime_ns >= than_ns
+                   for e in it)
+
+
 def load_manifest(root: str | os.PathLike) -> Manifest:
     """The manifest of a dataset with every shard record folded in. Reads only."""
     root = Path(root)
     path = root / MANIFEST_NAME
     manifest = Manifest.from_json(read_json(path, "manifest"), str(path))
+    # manifest.json is rewritten from memory that holds every record committed before it, so
+    # only a record newer than it can say something new: the records themselves (one small file
+    # per shard, 100k for a large dataset) are read only then.
+    if not _has_newer_records(root, path.stat().st_mtime_ns):
+        return manifest
     records = _read_records(root)
     entries = {name: ShardEntry.from_json(rec, str(root / RECORDS_DIR / f"{name}.json"))
                for name, rec in records.items()}

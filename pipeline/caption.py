@@ -99,9 +99,6 @@ def _remote_classes():
         def ready(self) -> str:
             return self.node
 
-        def pid(self) -> int:
-            return os.getpid()
-
         @ray.method(num_returns=2)
         async def caption_shard(self, shard_path: str, jobs: list[TextJob], recompute: list[str]):
             figures, result = await self.captioner.caption_shard(shard_path, jobs, recompute)
@@ -145,9 +142,11 @@ class Pool:
             opts["runtime_env"] = {"env_vars": self.cfg.env}
         return opts
 
+    def _new_actor(self):
+        return self.actor_cls.options(**self._options()).remote(self.cfg, self.image_max_side)
+
     def start(self) -> None:
-        for i in range(self.cfg.replicas):
-            self.slots.append(Slot(self.actor_cls.options(**self._options()).remote(self.cfg, self.image_max_side), i))
+        self.slots = [Slot(self._new_actor(), i) for i in range(self.cfg.replicas)]
 
     def wait_ready(self) -> None:
         import ray
@@ -158,21 +157,20 @@ class Pool:
             except ray.exceptions.RayActorError as e:
                 raise JobError(f"captioner {self.cfg.name!r}: the engine did not start: {_actor_cause(e)}") from None
 
-    def replace(self, slot: Slot, reason: str) -> bool:
+    def replace(self, slot: Slot, reason: str) -> None:
         import ray
 
         if self.replacements >= MAX_REPLACEMENTS_PER_REPLICA * self.cfg.replicas:
             self.slots.remove(slot)
             print(f"captioner {self.cfg.name!r}: replica {slot.index} on {slot.node} died ({reason}); "
                   "no replacements left", flush=True)
-            return False
+            return
         self.replacements += 1
         ray.kill(slot.handle, no_restart=True)
-        slot.handle = self.actor_cls.options(**self._options()).remote(self.cfg, self.image_max_side)
+        slot.handle = self._new_actor()
         slot.in_flight = 0
         print(f"captioner {self.cfg.name!r}: replica {slot.index} on {slot.node} died ({reason}); "
               f"started a replacement ({self.replacements} so far)", flush=True)
-        return True
 
     def free_slot(self) -> Slot | None:
         candidates = [s for s in self.slots if s.in_flight < self.cfg.max_shards_in_flight]
@@ -245,7 +243,7 @@ class CaptionJob:
                  if any(c.name in p.work for p in plans)}
         if not plans:
             print("nothing to do: every shard already has every text of this config", flush=True)
-            return self._finish(0.0)
+            return self.finish(0.0)
         print(f"{len(plans)} shards to caption ({self.input_samples} images); starting "
               + ", ".join(f"{p.cfg.replicas} x {p.cfg.name}" for p in pools.values()), flush=True)
         t_start = time.monotonic()
@@ -260,7 +258,7 @@ class CaptionJob:
         waiting = collections.deque(plans)
         open_plans: dict[str, ShardPlan] = {}
         max_open = 2 * max(len(p.slots) * p.cfg.max_shards_in_flight for p in pools.values()) + 1
-        calls: dict[Any, tuple[Pool, Slot, ShardPlan]] = {}
+        calls: dict[Any, tuple[Pool, Slot, Any, ShardPlan]] = {}  # figures ref -> (pool, slot, actor, shard)
         writes: dict[Any, ShardPlan] = {}
         t_work = time.monotonic()
 
@@ -296,7 +294,7 @@ class CaptionJob:
                     self._write_done(ref, plan, bar)
         if bar:
             bar.close()
-        return self._finish(time.monotonic() - t_work)
+        return self.finish(time.monotonic() - t_work)
 
     def _caption_done(self, ref, call, open_plans, pools, writes, write_task) -> None:
         import ray
@@ -321,7 +319,7 @@ class CaptionJob:
         self.figures.update({k: v for k, v in figures.items() if isinstance(v, (int, float))})
         plan.images = max(plan.images, figures["images"] + figures["decode_errors"])
         del plan.work[name]
-        if not plan.work and plan.name in open_plans:
+        if not plan.work:
             output = str(self.writer.shard_path(plan.name))
             writes[write_task.remote(plan.source, output, *plan.results.values())] = plan
 
@@ -374,7 +372,8 @@ class CaptionJob:
         elapsed = max(bar.format_dict.get("elapsed", 0) or 0, 1e-6)
         bar.set_postfix_str(f"captions {self.figures['captions']} ({self.figures['captions'] / elapsed:.1f}/s)")
 
-    def _finish(self, seconds: float) -> int:
+    def finish(self, seconds: float) -> int:
+        """Record the run's figures and failures in the manifest, print the summary; the exit status."""
         f = self.figures
         figures = {
             "images": f["images"], "captions": f["captions"], "seconds": round(seconds, 2),
@@ -453,7 +452,7 @@ def main(argv: list[str] | None = None) -> int:
         return job.run(plans)
     except JobError as e:
         print(f"error: {e}", file=sys.stderr)
-        job._finish(0.0)
+        job.finish(0.0)
         return 1
 
 

@@ -81,6 +81,19 @@ def _check_same_input(writer, mode: str, source: dict[str, Any], settings: dict[
                           "or use a new --out")
 
 
+def _start_import(out: Path, mode: str, source: dict[str, Any], settings: dict[str, Any], names: list[str],
+                  **run_info: Any) -> tuple[Any, dict[str, Any]]:
+    """Open (or resume) an import's output dataset and record what it imports; (writer, run info)."""
+    writer = open_writer(out, "ingest")
+    _check_same_input(writer, mode, source, settings, out)
+    remove_leftovers(out)
+    run = writer.manifest.run.setdefault("ingest", {})
+    run.update({"mode": mode, "source": source, "settings": settings, **run_info})
+    writer.expect(names)
+    writer.flush()
+    return writer, run
+
+
 def _text_provenance(stats: TextStats, source: str, keys: tuple[str, ...]) -> dict[str, dict[str, Any]]:
     return {t: ({"kind": "alt_text", "source": source, "note": f"caption imported from {' or '.join(keys)}"}
                 if t == RAW else
@@ -188,13 +201,7 @@ def import_webdataset(src: Path, out: Path | None, cfg: ImportConfig) -> int:
     settings = {"caption_keys": list(cfg.keys), "max_image_area": cfg.max_image_area}
     lock = hold_lock(out)
     try:
-        writer = open_writer(out, "ingest")
-        _check_same_input(writer, "webdataset", source, settings, out)
-        remove_leftovers(out)
-        run = writer.manifest.run.setdefault("ingest", {})
-        run.update({"mode": "webdataset", "source": source, "settings": settings, "in_place": in_place})
-        writer.expect(names)
-        writer.flush()
+        writer, run = _start_import(out, "webdataset", source, settings, names, in_place=in_place)
         bar = _bar(len(names), "import", cfg.progress)
         how_counts: Counter = Counter()
         for name in names:
@@ -290,13 +297,7 @@ def import_folder(src: Path, out: Path, cfg: ImportConfig) -> int:
     options = cfg.convert_options()
     lock = hold_lock(out)
     try:
-        writer = open_writer(out, "ingest")
-        _check_same_input(writer, "folder", source, settings, out)
-        remove_leftovers(out)
-        run = writer.manifest.run.setdefault("ingest", {})
-        run.update({"mode": "folder", "source": source, "settings": settings})
-        writer.expect(names)
-        writer.flush()
+        writer, run = _start_import(out, "folder", source, settings, names)
         bar = _bar(len(names), "import", cfg.progress)
         items = enumerate(walk_images(src, skip))
         for s, name in enumerate(names):
