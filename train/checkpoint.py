@@ -1,8 +1,12 @@
 """DeepSpeed checkpoints: save, find, resume, and read back as one fp32 state dict.
 
-Layout: RUN/checkpoints/step00001000/ (DeepSpeed's files for every rank) and
-RUN/checkpoints/latest (DeepSpeed writes it after a complete save: it is the commit mark that
-`--resume auto` follows). Our own state (step, data position, configs) rides in DeepSpeed's
+Layout: RUN/checkpoints/step00001000/ (DeepSpeed's files for every rank), and two marks that
+rank 0 writes once every rank has finished writing (after a barrier): step.../COMPLETE and
+RUN/checkpoints/complete (the newest complete tag), which `--resume auto` follows.
+DeepSpeed's own RUN/checkpoints/latest is not enough: rank 0 writes it as soon as its own files
+are saved, while other ranks may still be writing theirs, so a job killed at that moment left a
+`latest` pointing at a checkpoint with a truncated file (seen in the whole-pipeline kill test).
+Our own state (step, data position, configs) rides in DeepSpeed's
 client state under the key "holiclip", so a checkpoint directory is self-describing: the
 exporter needs nothing else.
 """
@@ -21,6 +25,8 @@ log = logging.getLogger(__name__)
 
 CLIENT_KEY = "holiclip"
 TAG_RE = re.compile(r"^step(\d{8,})$")
+DONE = "COMPLETE"  # in a step directory: every rank finished writing it
+POINTER = "complete"  # in the checkpoints directory: the newest complete tag
 
 
 class CheckpointError(ValueError):
@@ -39,30 +45,46 @@ def list_tags(checkpoint_dir: Path) -> list[str]:
 
 
 def resolve(path: str | Path) -> Path:
-    """A tag directory (RUN/checkpoints/step00000100) or a checkpoints directory (its latest)."""
+    """A tag directory (RUN/checkpoints/step00000100) or a checkpoints directory (its newest complete one)."""
     path = Path(path)
-    if (path / "latest").is_file():
-        path = path / (path / "latest").read_text().strip()
+    if not TAG_RE.match(path.name) and path.is_dir():
+        found = latest(path)
+        if found is None:
+            raise CheckpointError(f"{path}: no complete checkpoint here (a step directory with a {DONE} mark)")
+        path = found
     if not path.is_dir() or not any(path.glob("*model_states.pt")):
         raise CheckpointError(f"{path}: not a DeepSpeed checkpoint (no *model_states.pt; expected RUN/checkpoints or one of its step directories)")
+    if not (path / DONE).is_file():
+        log.warning("%s has no %s mark: it may be a checkpoint whose save was interrupted", path, DONE)
     return path
 
 
 def latest(checkpoint_dir: Path) -> Path | None:
     """The last completely saved checkpoint of a run, or None."""
-    return resolve(checkpoint_dir) if (checkpoint_dir / "latest").is_file() else None
+    pointer = checkpoint_dir / POINTER
+    if pointer.is_file():
+        tag = checkpoint_dir / pointer.read_text().strip()
+        if (tag / DONE).is_file():
+            return tag
+    complete = [t for t in list_tags(checkpoint_dir) if (checkpoint_dir / t / DONE).is_file()]
+    return checkpoint_dir / complete[-1] if complete else None
 
 
 def save(engine, checkpoint_dir: Path, step: int, state: dict[str, Any], keep_last: int) -> Path:
-    """Save on every rank (a collective), then prune old step checkpoints on rank 0."""
+    """Save on every rank (a collective), mark it complete, then prune old step checkpoints on rank 0."""
     import torch.distributed as dist
 
     tag = tag_for(step)
     engine.save_checkpoint(str(checkpoint_dir), tag=tag, client_state={CLIENT_KEY: state})
-    dist.barrier()
-    if dist.get_rank() == 0 and keep_last:
-        for old in list_tags(checkpoint_dir)[:-keep_last]:
-            shutil.rmtree(checkpoint_dir / old, ignore_errors=True)
+    dist.barrier()  # every rank's files are written
+    if dist.get_rank() == 0:
+        (checkpoint_dir / tag / DONE).write_text(f"{tag}\n")
+        tmp = checkpoint_dir / f".{POINTER}.tmp"
+        tmp.write_text(tag)
+        tmp.replace(checkpoint_dir / POINTER)
+        if keep_last:
+            for old in list_tags(checkpoint_dir)[:-keep_last]:
+                shutil.rmtree(checkpoint_dir / old, ignore_errors=True)
     dist.barrier()
     return checkpoint_dir / tag
 
