@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import collections
 import os
+import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -152,10 +153,19 @@ class Pool:
         import ray
 
         for slot in self.slots:
-            try:
-                slot.node = ray.get(slot.handle.ready.remote())
-            except ray.exceptions.RayActorError as e:
-                raise JobError(f"captioner {self.cfg.name!r}: the engine did not start: {_actor_cause(e)}") from None
+            for attempt in (1, 2):
+                try:
+                    slot.node = ray.get(slot.handle.ready.remote())
+                    break
+                except ray.exceptions.RayActorError as e:
+                    # An error raised by the engine's set-up (bad model, bad engine argument) will
+                    # recur: stop. A worker process that died under it (killed, out of memory) may
+                    # not: try once more.
+                    if attempt == 2 or "error raised in its creation task" in str(e):
+                        raise JobError(f"captioner {self.cfg.name!r}: the engine did not start: {_actor_cause(e)}") from None
+                    print(f"captioner {self.cfg.name!r}: the process of replica {slot.index} died while its engine "
+                          f"started ({_actor_cause(e)}); starting it again", flush=True)
+                    slot.handle = self._new_actor()
 
     def replace(self, slot: Slot, reason: str) -> None:
         import ray
@@ -388,13 +398,18 @@ class CaptionJob:
                    f"{figures['images_per_s']} images/s, {figures['captions_per_s']} captions/s, "
                    f"{figures['generated_tokens_per_s']} generated tokens/s, prefix-cache hit rate "
                    f"{figures['prefix_cache_hit_rate']}")
-        runs = self.writer.manifest.run.setdefault("caption", {"runs": []})
-        runs["runs"].append({"finished": time.strftime("%Y-%m-%dT%H:%M:%S"), **figures,
-                             "failed_shards": dict(list(self.failed.items())[:100])})
-        runs["runs"] = runs["runs"][-20:]
-        runs["summary"] = summary
+        if not (f["images"] or f["decode_errors"] or self.failed):
+            # Nothing was captioned (a finished job resubmitted, or no engine started): keep the
+            # figures of the runs that did the work.
+            summary = "no images captioned in this run"
+        else:
+            self._record_run(figures, summary)
         manifest = self.writer.finish()
         print(summary, flush=True)
+        if any("No space left on device" in reason for reason in self.failed.values()):
+            free = shutil.disk_usage(self.cfg.output).free if self.cfg.output.exists() else 0
+            print(f"{self.cfg.output}: the filesystem is full ({free / 2**20:.1f} MiB free): free space there (or "
+                  "choose another output) and rerun; the finished shards are kept", flush=True)
         if self.failed:
             print(f"{len(self.failed)} shards failed after retries: {', '.join(sorted(self.failed)[:10])}"
                   f"{' ...' if len(self.failed) > 10 else ''}. Rerun the same command to retry them.", flush=True)
@@ -402,6 +417,13 @@ class CaptionJob:
         print(f"done: {manifest.num_samples} samples in {len(manifest.shards)} shards, status {manifest.status}; "
               f"see `holiclip-manifest summary {self.cfg.output}`", flush=True)
         return 0 if manifest.status == COMPLETE else 1
+
+    def _record_run(self, figures: dict[str, Any], summary: str) -> None:
+        runs = self.writer.manifest.run.setdefault("caption", {"runs": []})
+        runs["runs"].append({"finished": time.strftime("%Y-%m-%dT%H:%M:%S"), **figures,
+                             "failed_shards": dict(list(self.failed.items())[:100])})
+        runs["runs"] = runs["runs"][-20:]
+        runs["summary"] = summary
 
 
 def connect_ray(address: str | None) -> None:
@@ -453,6 +475,10 @@ def main(argv: list[str] | None = None) -> int:
     except JobError as e:
         print(f"error: {e}", file=sys.stderr)
         job.finish(0.0)
+        return 1
+    except OSError as e:  # the driver's own bookkeeping (records, manifest) could not be written
+        print(f"error: cannot write {e.filename or cfg.output}: {e.strerror or e}. The shards finished so far "
+              "are kept; free space or fix the permissions there and rerun the same command", file=sys.stderr)
         return 1
 
 

@@ -95,9 +95,12 @@ def test_uni_vlm_two_prompts_via_ray_job_submit(reference, images, models):
 
 def test_resubmitting_a_finished_job_does_nothing(ray_cluster, reference):
     before = {p.name: p.read_bytes() for p in reference["out"].glob("*.tar")}
+    runs = load_manifest(reference["out"]).run["caption"]["runs"]
     r = submit(ray_cluster, reference["config"])
     assert r.returncode == 0 and "nothing to do" in r.stdout, r.stdout[-3000:]
     assert {p.name: p.read_bytes() for p in reference["out"].glob("*.tar")} == before
+    # A run that captioned nothing keeps the figures of the run that did the work.
+    assert load_manifest(reference["out"]).run["caption"]["runs"] == runs
 
 
 def _wait_for_records(out: Path, n: int, timeout: float = 300) -> None:
@@ -288,3 +291,58 @@ def test_openai_backend_against_a_vllm_server(ray_cluster, openai_server, images
     assert m.texts["detail"]["captioner"]["type"] == "openai"
     assert m.texts["detail"]["captioner"]["endpoints"] == [openai_server]
     assert m.run["caption"]["runs"][-1]["captions"] == 16
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A tmpfs of a chosen size, mounted for the test (needs root or CAP_SYS_ADMIN, as in CI)."""
+    mounts = []
+
+    def mount(size_kib: int, *options: str) -> Path:
+        where = tmp_path / f"disk{len(mounts)}"
+        where.mkdir()
+        r = subprocess.run(["mount", "-t", "tmpfs", "-o", ",".join([f"size={size_kib}k", *options]), "tmpfs", str(where)],
+                           capture_output=True, text=True)
+        if r.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here ({r.stderr.strip()}): a full disk cannot be made for real")
+        mounts.append(where)
+        return where
+
+    yield mount
+    for where in mounts:
+        subprocess.run(["umount", "-l", str(where)], capture_output=True)
+
+
+def test_full_disk_fails_clearly_keeps_finished_shards_and_a_rerun_finishes(ray_cluster, reference, models,
+                                                                            images, small_disk, tmp_path):
+    sizes = sorted(p.stat().st_size for p in reference["out"].glob("*.tar"))
+    # Room for two shards and the bookkeeping, not for six.
+    disk = small_disk((sizes[0] + sizes[1]) // 1024 + 48)
+    config = write_config(tmp_path / "job.yaml", images, disk / "out",
+                          [captioner("tiny-qwen", models["qwen"], TWO_PROMPTS, max_shards_in_flight=1)])
+    r = submit(ray_cluster, config)
+    assert r.returncode != 0, r.stdout[-3000:]
+    assert "No space left on device" in r.stdout and "the filesystem is full" in r.stdout, r.stdout[-3000:]
+    m = load_manifest(disk / "out")
+    done = [s.name for s in m.shards.values() if s.status == "complete"]
+    assert 0 < len(done) < 6, m.counts()
+    assert not list((disk / "out").glob(".*partial*")), "a partial shard was left behind"
+    kept = {name: (disk / "out" / name).read_bytes() for name in done}
+
+    # Room again (the same mount, grown): the rerun captions only what is missing.
+    subprocess.run(["mount", "-o", "remount,size=64m", str(disk)], check=True)
+    r = submit(ray_cluster, config)
+    assert r.returncode == 0 and "succeeded" in r.stdout, r.stdout[-3000:]
+    assert f"{6 - len(done)} shards to caption" in r.stdout
+    assert {name: (disk / "out" / name).read_bytes() for name in done} == kept
+    assert verify(disk / "out").returncode == 0
+    assert read_texts(disk / "out") == reference["texts"]
+
+
+def test_read_only_output_is_refused_before_any_work(images, models, small_disk, tmp_path):
+    disk = small_disk(1024, "ro")
+    config = write_config(tmp_path / "job.yaml", images, disk / "out", [captioner("tiny-qwen", models["qwen"], TWO_PROMPTS)])
+    r = subprocess.run([sys.executable, "-m", "pipeline.caption", "--config", str(config), "--no-progress"],
+                       capture_output=True, text=True, env={**os.environ, **ENV}, cwd=ROOT, timeout=300)
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert str(disk / "out") in r.stderr and ("not writable" in r.stderr or "Read-only" in r.stderr), r.stderr
