@@ -24,6 +24,7 @@ from pathlib import Path
 from PIL import Image, ImageDraw
 
 from data_manifests import DatasetWriter, Sample, quality_flags, sha256_hex
+from pipeline.scenes import draw_shape
 
 SHAPES = ("circle", "square", "triangle", "cross")
 COLOURS = {"red": (220, 30, 30), "green": (30, 180, 40), "blue": (30, 60, 220), "yellow": (235, 215, 30)}
@@ -49,17 +50,7 @@ def draw(shape: str, colour: str, background: str, position: str, size: int, jit
     cx, cy = POSITIONS[position]
     cx, cy = cx * size + jitter.uniform(-1, 1), cy * size + jitter.uniform(-1, 1)
     r = size * jitter.uniform(0.17, 0.22)
-    fill = COLOURS[colour]
-    if shape == "circle":
-        pen.ellipse((cx - r, cy - r, cx + r, cy + r), fill=fill)
-    elif shape == "square":
-        pen.rectangle((cx - r, cy - r, cx + r, cy + r), fill=fill)
-    elif shape == "triangle":
-        pen.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=fill)
-    else:
-        w = r / 3
-        pen.rectangle((cx - r, cy - w, cx + r, cy + w), fill=fill)
-        pen.rectangle((cx - w, cy - r, cx + w, cy + r), fill=fill)
+    draw_shape(pen, shape, cx, cy, r, COLOURS[colour])
     return image
 
 
