@@ -69,7 +69,8 @@ RUNS = {  # name -> (training config, text ids, what it shows)
                      "Holistic CLIP on the alt-text + the generator's 4 reference texts (not a VLM)"),
 }
 FALLBACK_NOTE = ("the captions come from a tiny, randomly initialised VLM: they are placeholders, "
-                 "so `holistic` sees no more about the pictures than `o2o`")
+                 "so `holistic` learns nothing more than `o2o`, and its four caption branches learn noise "
+                 "that drags its fused scores down")
 
 
 class DemoError(RuntimeError):
