@@ -10,6 +10,11 @@
 Both use the same engine settings and greedy decoding with a fixed output length (the tiny model
 never stops early, so every caption is exactly --max-tokens long).
 
+Each of (a) and (b) starts its own engine in its own process and is run --repeats times,
+alternating which goes first, so that drift in the machine's load falls on both; the ratio is
+that of the medians, and every single figure is printed too (one run of either says little on a
+small shared CPU).
+
 Also: 1 prompt vs 4 prompts per image (prefix reuse should keep 4 prompts well under 4x the time
 of 1), and prefix caching on vs off. Prints a table and a JSON line with every figure.
 """
@@ -80,6 +85,17 @@ def raw_vllm(model: str, engine: dict, images_dir: Path, prompt_ids: list[str], 
             "prefix_cache_hit_rate": cached / prompt_tokens if prompt_tokens else None}
 
 
+def raw_vllm_process(model: str, engine: dict, images_dir: Path, prompt_ids: list[str], max_tokens: int) -> dict:
+    """(a) in a fresh process, as (b) gets: no engine, allocator or cache state carried between runs."""
+    out = images_dir.parent / "raw_figures.json"
+    spec = json.dumps({"model": model, "engine": engine, "images_dir": str(images_dir), "prompt_ids": prompt_ids,
+                       "max_tokens": max_tokens, "out": str(out)})
+    r = subprocess.run([sys.executable, __file__, "--raw-spec", spec], cwd=ROOT, capture_output=True, text=True)
+    if r.returncode != 0:
+        raise SystemExit(f"raw vLLM run failed:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}")
+    return json.loads(out.read_text())
+
+
 def pipeline_run(model: str, engine: dict, images_dir: Path, out: Path, prompt_ids: list[str],
                  max_tokens: int, work: Path, actor_cpus: float) -> dict:
     """(b): the real job on an embedded local Ray; figures from the manifest it writes."""
@@ -111,6 +127,12 @@ def pipeline_run(model: str, engine: dict, images_dir: Path, out: Path, prompt_i
                                 "generated_tokens_per_s", "prefix_cache_hit_rate")}
 
 
+def median_run(runs: list[dict]) -> dict:
+    """The run with the median images/s (a real run, so its figures stay consistent with each other)."""
+    ordered = sorted(runs, key=lambda r: r["images_per_s"])
+    return ordered[(len(ordered) - 1) // 2]
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", help="model directory (default: build the tiny Qwen2-VL)")
@@ -121,9 +143,17 @@ def main() -> int:
                         help="CPUs reserved by the pipeline's engine actor (default: all)")
     parser.add_argument("--engine", default='{"dtype": "bfloat16", "max_model_len": 1024, "enforce_eager": true, '
                                             '"max_num_seqs": 64}', help="vLLM engine settings (JSON)")
+    parser.add_argument("--repeats", type=int, default=3, help="runs of each of (a) and (b) with 4 prompts")
+    parser.add_argument("--raw-spec", help=argparse.SUPPRESS)  # internal: run (a) once and print its figures
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+    if args.raw_spec:
+        spec = json.loads(args.raw_spec)
+        figures = raw_vllm(spec["model"], spec["engine"], Path(spec["images_dir"]), spec["prompt_ids"],
+                           spec["max_tokens"])
+        Path(spec["out"]).write_text(json.dumps(figures))
+        return 0
     engine = json.loads(args.engine)
     work = Path(tempfile.mkdtemp(prefix="capbench"))
     model = args.model
@@ -133,28 +163,44 @@ def main() -> int:
         model = str(build_tiny_qwen2vl(work / "tiny-qwen2vl"))
     images_dir = make_inputs(work / "images", args.images, args.per_shard)
     four = ["detail", "background", "main_object", "style"]
-    results = {}
-    results["raw_4p"] = raw_vllm(model, {**engine, "enable_prefix_caching": True}, images_dir, four, args.max_tokens)
-    results["pipeline_4p"] = pipeline_run(model, engine, images_dir, work / "out_4p", four, args.max_tokens, work, args.actor_cpus)
-    results["pipeline_1p"] = pipeline_run(model, engine, images_dir, work / "out_1p", ["detail"], args.max_tokens, work, args.actor_cpus)
-    results["pipeline_4p_nocache"] = pipeline_run(model, {**engine, "enable_prefix_caching": False}, images_dir,
-                                                  work / "out_4p_nocache", four, args.max_tokens, work, args.actor_cpus)
+    runs: dict[str, list[dict]] = {"raw_4p": [], "pipeline_4p": []}
+    for r in range(args.repeats):
+        order = ["raw_4p", "pipeline_4p"] if r % 2 == 0 else ["pipeline_4p", "raw_4p"]
+        for name in order:
+            if name == "raw_4p":
+                res = raw_vllm_process(model, {**engine, "enable_prefix_caching": True}, images_dir, four,
+                                       args.max_tokens)
+            else:
+                res = pipeline_run(model, engine, images_dir, work / f"out_4p_{r}", four, args.max_tokens, work,
+                                   args.actor_cpus)
+            runs[name].append(res)
+            print(f"repeat {r + 1}/{args.repeats} {name}: {res['images_per_s']:.2f} images/s", flush=True)
+    runs["pipeline_1p"] = [pipeline_run(model, engine, images_dir, work / "out_1p", ["detail"], args.max_tokens,
+                                        work, args.actor_cpus)]
+    runs["pipeline_4p_nocache"] = [pipeline_run(model, {**engine, "enable_prefix_caching": False}, images_dir,
+                                                work / "out_4p_nocache", four, args.max_tokens, work, args.actor_cpus)]
+    results = {name: median_run(rs) for name, rs in runs.items()}
 
-    print(f"\n{'run':24s} {'images/s':>9s} {'captions/s':>11s} {'gen tok/s':>10s} {'seconds':>8s} {'prefix hit':>10s}")
+    print(f"\n{'run':24s} {'images/s':>9s} {'captions/s':>11s} {'gen tok/s':>10s} {'seconds':>8s} {'prefix hit':>10s}"
+          f"  images/s of each run")
     for name, r in results.items():
         hit = r["prefix_cache_hit_rate"]
+        each = ", ".join(f"{x['images_per_s']:.1f}" for x in runs[name])
         print(f"{name:24s} {r['images_per_s']:9.2f} {r['captions_per_s']:11.2f} {r['generated_tokens_per_s']:10.1f} "
-              f"{r['seconds']:8.2f} {'-' if hit is None else f'{hit:.3f}':>10s}")
+              f"{r['seconds']:8.2f} {'-' if hit is None else f'{hit:.3f}':>10s}  {each}")
     ratios = {
         "pipeline_over_raw_vllm": results["pipeline_4p"]["images_per_s"] / results["raw_4p"]["images_per_s"],
+        "pipeline_over_raw_vllm_each": [b["images_per_s"] / a["images_per_s"]
+                                        for a, b in zip(runs["raw_4p"], runs["pipeline_4p"])],
         "time_4_prompts_over_1": results["pipeline_4p"]["seconds"] / results["pipeline_1p"]["seconds"],
         "prefix_cache_speedup": results["pipeline_4p_nocache"]["seconds"] / results["pipeline_4p"]["seconds"],
     }
-    print(f"\n(b)/(a) pipeline / raw vLLM images/s: {ratios['pipeline_over_raw_vllm']:.3f}")
+    print(f"\n(b)/(a) pipeline / raw vLLM images/s (medians of {args.repeats}): {ratios['pipeline_over_raw_vllm']:.3f}"
+          f"  (each repeat: {', '.join(f'{x:.2f}' for x in ratios['pipeline_over_raw_vllm_each'])})")
     print(f"4 prompts cost {ratios['time_4_prompts_over_1']:.2f}x the time of 1 prompt")
     print(f"prefix caching on is {ratios['prefix_cache_speedup']:.2f}x faster than off")
     print(json.dumps({"model": model, "images": args.images, "max_tokens": args.max_tokens, "engine": engine,
-                      "results": results, "ratios": ratios}))
+                      "runs": runs, "ratios": ratios}))
     return 0
 
 

@@ -86,7 +86,7 @@ def plan_job(cfg: CaptionConfig, provenance: dict[str, dict[str, Any]], writer: 
 
 # --- Ray side --------------------------------------------------------------------------------
 def _remote_classes():
-    """Ray-decorated actor and task, built on first use so importing this module needs no Ray."""
+    """Ray-decorated actors, built on first use so importing this module needs no Ray."""
     import ray
 
     from .caption_writer import write_captioned_shard
@@ -96,9 +96,10 @@ def _remote_classes():
         def __init__(self, cfg: CaptionerConfig, image_max_side: int):
             self.captioner = ShardCaptioner(cfg, image_max_side)
             self.node = ray.util.get_node_ip_address()
+            self.node_id = ray.get_runtime_context().get_node_id()
 
-        def ready(self) -> str:
-            return self.node
+        def ready(self) -> tuple[str, str]:
+            return self.node, self.node_id
 
         @ray.method(num_returns=2)
         async def caption_shard(self, shard_path: str, jobs: list[TextJob], recompute: list[str]):
@@ -106,11 +107,39 @@ def _remote_classes():
             figures["node"] = self.node
             return figures, result
 
-    def write_task(source: str, output: str, *results):
-        return write_captioned_shard(source, output, list(results))
+    class WriterActor:
+        """Writes output shards on one node. Long-lived, so no Ray worker process is started per
+        shard: on a node whose cores the engines use, every such start (~0.5 s of CPU) is taken
+        from them."""
 
-    # num_cpus=0 for the writer: it is light I/O, and engines may hold every CPU of a node.
-    return ray.remote(CaptionActor), ray.remote(num_cpus=0, max_retries=2)(write_task)
+        def write(self, source: str, output: str, *results):
+            return write_captioned_shard(source, output, list(results))
+
+    return ray.remote(CaptionActor), ray.remote(WriterActor)
+
+
+class Writers:
+    """One writer actor per node that hosts captioners, made when first needed.
+
+    num_cpus=0: writing is light I/O, and engines may hold every CPU of a node. A writer that
+    dies is restarted and its call retried (writes are atomic and idempotent); a node that is gone
+    gets its writes elsewhere (soft affinity).
+    """
+
+    def __init__(self, actor_cls):
+        self.actor_cls = actor_cls
+        self.by_node: dict[str, Any] = {}
+
+    def on(self, node_id: str | None):
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        key = node_id or "any"
+        if key not in self.by_node:
+            opts: dict[str, Any] = {"num_cpus": 0, "max_concurrency": 4, "max_restarts": 3, "max_task_retries": 2}
+            if node_id:
+                opts["scheduling_strategy"] = NodeAffinitySchedulingStrategy(node_id, soft=True)
+            self.by_node[key] = self.actor_cls.options(**opts).remote()
+        return self.by_node[key]
 
 
 @dataclass
@@ -119,6 +148,7 @@ class Slot:
     index: int
     in_flight: int = 0
     node: str = "?"
+    node_id: str | None = None
 
 
 class Pool:
@@ -155,7 +185,7 @@ class Pool:
         for slot in self.slots:
             for attempt in (1, 2):
                 try:
-                    slot.node = ray.get(slot.handle.ready.remote())
+                    slot.node, slot.node_id = ray.get(slot.handle.ready.remote())
                     break
                 except ray.exceptions.RayActorError as e:
                     # An error raised by the engine's set-up (bad model, bad engine argument) will
@@ -247,7 +277,7 @@ class CaptionJob:
     def run(self, plans: list[ShardPlan]) -> int:
         import ray
 
-        actor_cls, write_task = _remote_classes()
+        actor_cls, writer_cls = _remote_classes()
         jobs = self.cfg.jobs()
         pools = {c.name: Pool(c, actor_cls, self.cfg.image_max_side) for c in self.cfg.captioners
                  if any(c.name in p.work for p in plans)}
@@ -259,9 +289,12 @@ class CaptionJob:
         t_start = time.monotonic()
         for pool in pools.values():
             pool.start()
+        writers = Writers(writer_cls)
         for pool in pools.values():
             pool.wait_ready()
             self.nodes.update(s.node for s in pool.slots)
+            for slot in pool.slots:  # started now, while nothing is timed or waiting for them
+                writers.on(slot.node_id)
         print(f"engines ready in {time.monotonic() - t_start:.0f}s on nodes {', '.join(sorted(self.nodes))}", flush=True)
 
         bar = self._bar()
@@ -297,7 +330,7 @@ class CaptionJob:
             ready, _ = ray.wait(list(calls) + list(writes), num_returns=1, timeout=2.0)
             for ref in ready:
                 if ref in calls:
-                    self._caption_done(ref, calls.pop(ref), open_plans, pools, writes, write_task)
+                    self._caption_done(ref, calls.pop(ref), open_plans, writes, writers)
                 else:
                     plan = writes.pop(ref)
                     open_plans.pop(plan.name, None)
@@ -306,7 +339,7 @@ class CaptionJob:
             bar.close()
         return self.finish(time.monotonic() - t_work)
 
-    def _caption_done(self, ref, call, open_plans, pools, writes, write_task) -> None:
+    def _caption_done(self, ref, call, open_plans, writes, writers: Writers) -> None:
         import ray
 
         pool, slot, handle, plan = call
@@ -331,7 +364,8 @@ class CaptionJob:
         del plan.work[name]
         if not plan.work:
             output = str(self.writer.shard_path(plan.name))
-            writes[write_task.remote(plan.source, output, *plan.results.values())] = plan
+            # Written on the node that made the last texts, where its results already are.
+            writes[writers.on(slot.node_id).write.remote(plan.source, output, *plan.results.values())] = plan
 
     def _retry(self, plan: ShardPlan, pool: Pool, reason: str, open_plans) -> None:
         name = pool.cfg.name
