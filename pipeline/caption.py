@@ -98,7 +98,8 @@ def _remote_classes():
             self.node = ray.util.get_node_ip_address()
             self.node_id = ray.get_runtime_context().get_node_id()
 
-        def ready(self) -> tuple[str, str]:
+        async def ready(self) -> tuple[str, str]:
+            await self.captioner.warm_up()
             return self.node, self.node_id
 
         @ray.method(num_returns=2)
@@ -193,6 +194,9 @@ class Pool:
                     # not: try once more.
                     if attempt == 2 or "error raised in its creation task" in str(e):
                         raise JobError(f"captioner {self.cfg.name!r}: the engine did not start: {_actor_cause(e)}") from None
+                except ray.exceptions.RayTaskError as e:  # started, but could not answer a first request
+                    raise JobError(f"captioner {self.cfg.name!r}: the engine started but failed a first request on a "
+                                   f"64x64 image: {_actor_cause(e)}") from None
                     print(f"captioner {self.cfg.name!r}: the process of replica {slot.index} died while its engine "
                           f"started ({_actor_cause(e)}); starting it again", flush=True)
                     slot.handle = self._new_actor()

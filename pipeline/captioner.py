@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import itertools
 import os
 import random
@@ -85,6 +86,8 @@ class VLLMBackend:
         # The model's own chat template places the image placeholder(s) the way it was trained.
         self.processor = AutoProcessor.from_pretrained(cfg.model, revision=cfg.revision)
         self._templates: dict[str, str] = {}
+        self._ids = itertools.count()
+        self._id_prefix = uuid.uuid4().hex[:12]
 
     def _prompt(self, text: str) -> str:
         if text not in self._templates:
@@ -103,13 +106,22 @@ class VLLMBackend:
         try:
             async for out in self.engine.generate({"prompt": self._prompt(job.prompt.text),
                                                    "multi_modal_data": {"image": image}},
-                                                  params, request_id=uuid.uuid4().hex):
+                                                  params, request_id=f"{self._id_prefix}-{next(self._ids)}"):
                 final = out
         except ValueError as e:  # input validation: e.g. the image needs more tokens than max_model_len
             raise RequestRejected(str(e)) from e
         completion = final.outputs[0]
         return Generation(completion.text, completion.finish_reason, len(final.prompt_token_ids or ()),
                           final.num_cached_tokens or 0, len(completion.token_ids))
+
+    async def warm_up(self, job: TextJob) -> None:
+        """One short request on a small blank image before any shard: the engine's first steps
+        (allocations, kernels chosen for new shapes) are paid here, and an engine that cannot
+        caption at all fails at start instead of on every sample."""
+        from PIL import Image
+
+        await self.generate(Image.new("RGB", (64, 64), (127, 127, 127)),
+                            dataclasses.replace(job, sampling={**job.sampling, "max_tokens": 2}))
 
     def shutdown(self) -> None:
         self.engine.shutdown()
@@ -179,6 +191,11 @@ class ShardCaptioner:
         self.backend = BACKENDS[cfg.type](cfg)
         self.decode_pool = ThreadPoolExecutor(max_workers=decode_threads, thread_name_prefix="decode")
         self.in_flight = asyncio.Semaphore(cfg.max_images_in_flight)  # shared by every shard in flight
+
+    async def warm_up(self) -> None:
+        """Warm the engine up (local engines only: a remote server is not ours to load)."""
+        if hasattr(self.backend, "warm_up"):
+            await self.backend.warm_up(self.cfg.jobs()[0])
 
     async def caption_shard(self, shard_path: str, jobs: list[TextJob], recompute: list[str]) -> tuple[dict, ShardResult]:
         """Make every job's text for every sample of a shard that lacks it (or all, for `recompute`)."""

@@ -23,9 +23,11 @@ def decode_image(data: bytes, max_side: int = 0) -> Image.Image:
     if not data:
         raise ImageDecodeError("image could not be decoded: no image bytes")
     try:
-        with Image.open(io.BytesIO(data)) as im:
-            im.load()
-            rgb = im.convert("RGB")
+        # No `with`: the image is returned as is when it is RGB already (most web images: no copy
+        # of its pixels), and closing it would free them. It reads from memory, so nothing leaks.
+        im = Image.open(io.BytesIO(data))
+        im.load()
+        rgb = im if im.mode == "RGB" else im.convert("RGB")
     except Image.DecompressionBombError as e:
         raise ImageDecodeError(f"image too large to decode safely ({e})") from None
     except UnidentifiedImageError:
