@@ -194,12 +194,12 @@ class Pool:
                     # not: try once more.
                     if attempt == 2 or "error raised in its creation task" in str(e):
                         raise JobError(f"captioner {self.cfg.name!r}: the engine did not start: {_actor_cause(e)}") from None
-                except ray.exceptions.RayTaskError as e:  # started, but could not answer a first request
-                    raise JobError(f"captioner {self.cfg.name!r}: the engine started but failed a first request on a "
-                                   f"64x64 image: {_actor_cause(e)}") from None
                     print(f"captioner {self.cfg.name!r}: the process of replica {slot.index} died while its engine "
                           f"started ({_actor_cause(e)}); starting it again", flush=True)
                     slot.handle = self._new_actor()
+                except ray.exceptions.RayTaskError as e:  # started, but could not answer a first request
+                    raise JobError(f"captioner {self.cfg.name!r}: the engine started but failed a first request on a "
+                                   f"64x64 image: {_actor_cause(e)}") from None
 
     def replace(self, slot: Slot, reason: str) -> None:
         import ray

@@ -175,6 +175,9 @@ class OpenAIBackend:
             await asyncio.sleep(min(30.0, 0.5 * 2 ** attempt) * (0.5 + random.random()))
         raise RuntimeError(f"request failed after {self.cfg.max_retries + 1} attempts: {last_error}")
 
+    async def warm_up(self, job: TextJob) -> None:
+        """Nothing: the servers are not ours to warm up or load."""
+
     def shutdown(self) -> None:
         pass
 
@@ -193,9 +196,7 @@ class ShardCaptioner:
         self.in_flight = asyncio.Semaphore(cfg.max_images_in_flight)  # shared by every shard in flight
 
     async def warm_up(self) -> None:
-        """Warm the engine up (local engines only: a remote server is not ours to load)."""
-        if hasattr(self.backend, "warm_up"):
-            await self.backend.warm_up(self.cfg.jobs()[0])
+        await self.backend.warm_up(self.cfg.jobs()[0])
 
     async def caption_shard(self, shard_path: str, jobs: list[TextJob], recompute: list[str]) -> tuple[dict, ShardResult]:
         """Make every job's text for every sample of a shard that lacks it (or all, for `recompute`)."""
