@@ -10,6 +10,11 @@ on a small thread pool while earlier images are being generated, so the engine a
 queued work; a bound on images in flight keeps memory flat whatever the shard size. All prompts
 of one image are submitted together with the image first in the prompt, so the engine's
 multimodal cache and prefix cache reuse the image's vision encoding and KV across its prompts.
+
+Per-image work is done once per image, not once per prompt: the image is decoded, turned upright
+and converted for the backend (an array for vLLM, a JPEG data URL for a server) once, and it is
+named by a digest of its bytes, which vLLM takes as the image's cache key instead of hashing its
+pixels for every request. Prompt templates are tokenized once per captioner.
 """
 
 from __future__ import annotations
@@ -17,12 +22,14 @@ from __future__ import annotations
 import asyncio
 import base64
 import dataclasses
+import hashlib
 import itertools
 import os
 import random
 import threading
 import time
 import uuid
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -30,7 +37,7 @@ from typing import Any
 from data_manifests import ShardReader, quality_flags
 
 from .caption_config import CaptionerConfig, TextJob
-from .images import ImageDecodeError, decode_image, encode_jpeg
+from .images import ImageDecodeError, bytes_to_send, decode_image
 
 
 class RequestRejected(Exception):
@@ -74,6 +81,8 @@ class VLLMBackend:
         from vllm.usage.usage_lib import UsageContext
         from vllm.v1.engine.async_llm import AsyncLLM
 
+        # Images go to vLLM as read-only arrays, which its processors only read.
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
         engine = dict(cfg.engine)
         engine.setdefault("limit_mm_per_prompt", {"image": 1})
         # Per-step statistics cost the engine and the front end CPU on every step; the figures we
@@ -85,17 +94,37 @@ class VLLMBackend:
                                                 usage_context=UsageContext.LLM_CLASS)
         # The model's own chat template places the image placeholder(s) the way it was trained.
         self.processor = AutoProcessor.from_pretrained(cfg.model, revision=cfg.revision)
-        self._templates: dict[str, str] = {}
+        try:  # the engine's own tokenizer (engine settings may name another than the model's)
+            self.tokenizer = self.engine.get_tokenizer()
+        except Exception:  # noqa: BLE001 (skip_tokenizer_init and the like: vLLM gets text prompts)
+            self.tokenizer = None
+        self._templates: dict[str, dict[str, Any]] = {}
         self._ids = itertools.count()
         self._id_prefix = uuid.uuid4().hex[:12]
 
-    def _prompt(self, text: str) -> str:
+    def _prompt(self, text: str) -> dict[str, Any]:
+        """The chat-templated prompt, with its token ids: tokenized once, not once per request."""
         if text not in self._templates:
-            self._templates[text] = self.processor.apply_chat_template(
-                chat_messages(text), tokenize=False, add_generation_prompt=True)
+            templated = self.processor.apply_chat_template(chat_messages(text), tokenize=False,
+                                                           add_generation_prompt=True)
+            prompt: dict[str, Any] = {"prompt": templated}
+            if self.tokenizer is not None:
+                # As vLLM tokenizes a text prompt, except that a template which writes the BOS
+                # token itself does not get a second one.
+                bos = getattr(self.tokenizer, "bos_token", None)
+                special = not (bos and templated.startswith(bos))
+                prompt["prompt_token_ids"] = list(self.tokenizer(templated, add_special_tokens=special)["input_ids"])
+            self._templates[text] = prompt
         return self._templates[text]
 
-    async def generate(self, image, job: TextJob) -> Generation:
+    def prepare(self, image, data: bytes, content_id: str) -> dict[str, Any]:
+        """Once per image: its pixels as an array (no per-request conversion or copy in vLLM) and
+        its content id as vLLM's cache key for it (no per-request hashing of the pixels)."""
+        import numpy as np
+
+        return {"multi_modal_data": {"image": np.asarray(image)}, "multi_modal_uuids": {"image": [content_id]}}
+
+    async def generate(self, image: dict[str, Any], job: TextJob) -> Generation:
         from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind
 
@@ -104,8 +133,7 @@ class VLLMBackend:
         params = SamplingParams(**job.sampling, output_kind=RequestOutputKind.FINAL_ONLY)
         final = None
         try:
-            async for out in self.engine.generate({"prompt": self._prompt(job.prompt.text),
-                                                   "multi_modal_data": {"image": image}},
+            async for out in self.engine.generate({**self._prompt(job.prompt.text), **image},
                                                   params, request_id=f"{self._id_prefix}-{next(self._ids)}"):
                 final = out
         except ValueError as e:  # input validation: e.g. the image needs more tokens than max_model_len
@@ -120,7 +148,7 @@ class VLLMBackend:
         caption at all fails at start instead of on every sample."""
         from PIL import Image
 
-        await self.generate(Image.new("RGB", (64, 64), (127, 127, 127)),
+        await self.generate(self.prepare(Image.new("RGB", (64, 64), (127, 127, 127)), b"", "holiclip-warm-up"),
                             dataclasses.replace(job, sampling={**job.sampling, "max_tokens": 2}))
 
     def shutdown(self) -> None:
@@ -141,10 +169,15 @@ class OpenAIBackend:
         self.endpoints = itertools.cycle([e.rstrip("/") for e in cfg.endpoints])
         self.limit = asyncio.Semaphore(cfg.concurrency)
 
-    async def generate(self, image, job: TextJob) -> Generation:
+    def prepare(self, image, data: bytes, content_id: str) -> str:
+        """Once per image: the data URL that every prompt of it sends (the original bytes when
+        they are the image as decoded here, else a JPEG of it)."""
+        payload, mime = bytes_to_send(data, image)
+        return f"data:{mime};base64," + base64.b64encode(payload).decode()
+
+    async def generate(self, data_url: str, job: TextJob) -> Generation:
         import httpx
 
-        data_url = "data:image/jpeg;base64," + base64.b64encode(encode_jpeg(image)).decode()
         sampling = dict(job.sampling)
         body = {
             "model": self.cfg.model,
@@ -198,6 +231,12 @@ class ShardCaptioner:
     async def warm_up(self) -> None:
         await self.backend.warm_up(self.cfg.jobs()[0])
 
+    def _load(self, data: bytes):
+        """On a decode thread: the image as the backend takes it, named by its content (the same
+        bytes decoded with the same settings are the same pixels, whichever sample holds them)."""
+        content_id = f"{hashlib.sha256(data).hexdigest()}-{self.image_max_side}"
+        return self.backend.prepare(decode_image(data, self.image_max_side), data, content_id)
+
     async def caption_shard(self, shard_path: str, jobs: list[TextJob], recompute: list[str]) -> tuple[dict, ShardResult]:
         """Make every job's text for every sample of a shard that lacks it (or all, for `recompute`)."""
         loop = asyncio.get_running_loop()
@@ -219,7 +258,7 @@ class ShardCaptioner:
                     todo = [j for j in jobs if j.text_id in recompute_set or j.text_id not in sample.texts]
                     if not todo:
                         continue
-                    future = self.decode_pool.submit(decode_image, sample.image, self.image_max_side)
+                    future = self.decode_pool.submit(self._load, sample.image)
                     asyncio.run_coroutine_threadsafe(queue.put((sample.key, todo, future)), loop).result()
             except BaseException as e:  # reported to the caller below, which retries the shard
                 reader_error.append(e)
@@ -229,7 +268,7 @@ class ShardCaptioner:
         async def caption_image(key: str, todo: list[TextJob], future) -> None:
             try:
                 try:
-                    image = await asyncio.wrap_future(future)
+                    image = await asyncio.wrap_future(future)  # as the backend takes it
                 except ImageDecodeError as e:
                     figures["decode_errors"] += 1
                     result.errors[key] = {j.text_id: str(e) for j in todo}

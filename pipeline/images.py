@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import io
 
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 # Web images can be decompression bombs; this is PIL's own guard, made an error instead of a warning.
 Image.MAX_IMAGE_PIXELS = 178_956_970
@@ -15,10 +15,13 @@ class ImageDecodeError(ValueError):
 
 
 def decode_image(data: bytes, max_side: int = 0) -> Image.Image:
-    """Decode, convert to RGB, and shrink (never enlarge) so the long side is at most `max_side`.
+    """Decode, turn upright (EXIF orientation), convert to RGB, and shrink (never enlarge) so the
+    long side is at most `max_side`.
 
-    Shrinking here, on a CPU worker, saves the engine's processor from resizing very large
-    images on its critical path; captioners resize or tile to their own sizes anyway.
+    Orientation is applied once here, so that engines can be given the pixels as they are (vLLM
+    would otherwise check and copy the image for every prompt of it). Shrinking here, on a CPU
+    worker, saves the engine's processor from resizing very large images on its critical path;
+    captioners resize or tile to their own sizes anyway.
     """
     if not data:
         raise ImageDecodeError("image could not be decoded: no image bytes")
@@ -27,6 +30,10 @@ def decode_image(data: bytes, max_side: int = 0) -> Image.Image:
         # of its pixels), and closing it would free them. It reads from memory, so nothing leaks.
         im = Image.open(io.BytesIO(data))
         im.load()
+        try:  # phone photos: pixels as the camera was held. A broken EXIF block loses only this.
+            ImageOps.exif_transpose(im, in_place=True)
+        except Exception:  # noqa: BLE001 (PIL raises many types from EXIF parsing)
+            pass
         rgb = im if im.mode == "RGB" else im.convert("RGB")
     except Image.DecompressionBombError as e:
         raise ImageDecodeError(f"image too large to decode safely ({e})") from None
@@ -46,3 +53,25 @@ def encode_jpeg(image: Image.Image, quality: int = 92) -> bytes:
     buf = io.BytesIO()
     image.save(buf, "JPEG", quality=quality)
     return buf.getvalue()
+
+
+# Formats every OpenAI-compatible image endpoint we know of accepts as a data URL.
+SENDABLE = {"JPEG": "image/jpeg", "PNG": "image/png", "WEBP": "image/webp"}
+
+
+def bytes_to_send(data: bytes, image: Image.Image) -> tuple[bytes, str]:
+    """The image as bytes for a server: its original bytes when they decode to exactly `image`
+    (an upright RGB image in a common format, not shrunk), else `image` encoded as JPEG.
+
+    Sending the original saves a JPEG encode per image and a second lossy compression, so that a
+    server sees the very pixels a local engine would.
+    """
+    try:
+        with Image.open(io.BytesIO(data)) as original:  # reads the header only
+            unchanged = (original.format in SENDABLE and original.mode == "RGB" and original.size == image.size
+                         and original.getexif().get(0x0112, 1) == 1)  # 0x0112: EXIF orientation
+            if unchanged:
+                return data, SENDABLE[original.format]
+    except Exception:  # noqa: BLE001 (it decoded once already; any doubt means re-encode)
+        pass
+    return encode_jpeg(image), "image/jpeg"
