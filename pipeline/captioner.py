@@ -72,6 +72,23 @@ def chat_messages(prompt_text: str) -> list[dict[str, Any]]:
     return [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt_text}]}]
 
 
+def _model_in_engine_process(engine: dict) -> None:
+    """On a CPU-only machine, run the model in vLLM's engine process, as vLLM does on a GPU.
+
+    vLLM's CPU backend otherwise puts the model in a third process that busy-waits for each step
+    of the scheduler while the scheduler busy-waits for it: one core goes to waiting. With the
+    model in the engine process, it runs on the actor's reserved CPUs (Ray sets OMP_NUM_THREADS
+    to them) and nothing spins (measured: BENCHMARKS.md). Only for one-process engines (no tensor
+    or pipeline parallelism); a captioner's `env` can set VLLM_ENABLE_V1_MULTIPROCESSING: "1" to
+    get vLLM's own layout, with its thread binding, back.
+    """
+    from vllm.platforms import current_platform
+
+    single = engine.get("tensor_parallel_size", 1) == 1 and engine.get("pipeline_parallel_size", 1) == 1
+    if current_platform.is_cpu() and single:
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+
+
 class VLLMBackend:
     """A vLLM AsyncLLM engine; continuous batching across every request of every shard in flight."""
 
@@ -84,6 +101,7 @@ class VLLMBackend:
         # Images go to vLLM as read-only arrays, which its processors only read.
         warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
         engine = dict(cfg.engine)
+        _model_in_engine_process(engine)
         engine.setdefault("limit_mm_per_prompt", {"image": 1})
         # Per-step statistics cost the engine and the front end CPU on every step; the figures we
         # report come from the request outputs. (vLLM's offline `LLM` turns them off too.)
