@@ -117,8 +117,8 @@ def pipeline_run(model: str, engine: dict, images_dir: Path, out: Path, prompt_i
     config.write_text(yaml.safe_dump({"input": str(images_dir), "output": str(out), "captioners": [{
         "name": "bench", "model": model, "prompts": {"set": str(prompt_set)}, "engine": engine,
         "sampling": {"temperature": 0.0}, "max_shards_in_flight": shards_in_flight, "max_images_in_flight": 128,
-        # Ray sets OMP_NUM_THREADS to an actor's CPU count and the engine process inherits it:
-        # give the actor the CPUs the raw script's engine gets (all of them, by default).
+        # Ray sets OMP_NUM_THREADS to an actor's CPU count and, on a CPU, the model runs in the
+        # engine process with that many threads (on 2 cores, 1 leaves the other to the front end).
         "resources": {"num_cpus": actor_cpus}}]}))
     env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
     r = subprocess.run([sys.executable, "-m", "pipeline.caption", "--config", str(config), "--no-progress"],

@@ -37,7 +37,7 @@ from typing import Any
 from data_manifests import ShardReader, quality_flags
 
 from .caption_config import CaptionerConfig, TextJob
-from .images import ImageDecodeError, bytes_to_send, decode_image
+from .images import Decoded, ImageDecodeError, bytes_to_send, decode
 
 
 class RequestRejected(Exception):
@@ -135,12 +135,13 @@ class VLLMBackend:
             self._templates[text] = prompt
         return self._templates[text]
 
-    def prepare(self, image, data: bytes, content_id: str) -> dict[str, Any]:
+    def prepare(self, decoded: Decoded, data: bytes, content_id: str) -> dict[str, Any]:
         """Once per image: its pixels as an array (no per-request conversion or copy in vLLM) and
         its content id as vLLM's cache key for it (no per-request hashing of the pixels)."""
         import numpy as np
 
-        return {"multi_modal_data": {"image": np.asarray(image)}, "multi_modal_uuids": {"image": [content_id]}}
+        return {"multi_modal_data": {"image": np.asarray(decoded.image)},
+                "multi_modal_uuids": {"image": [content_id]}}
 
     async def generate(self, image: dict[str, Any], job: TextJob) -> Generation:
         from vllm import SamplingParams
@@ -166,7 +167,7 @@ class VLLMBackend:
         caption at all fails at start instead of on every sample."""
         from PIL import Image
 
-        await self.generate(self.prepare(Image.new("RGB", (64, 64), (127, 127, 127)), b"", "holiclip-warm-up"),
+        await self.generate(self.prepare(Decoded(Image.new("RGB", (64, 64), (127, 127, 127))), b"", "holiclip-warm-up"),
                             dataclasses.replace(job, sampling={**job.sampling, "max_tokens": 2}))
 
     def shutdown(self) -> None:
@@ -187,10 +188,10 @@ class OpenAIBackend:
         self.endpoints = itertools.cycle([e.rstrip("/") for e in cfg.endpoints])
         self.limit = asyncio.Semaphore(cfg.concurrency)
 
-    def prepare(self, image, data: bytes, content_id: str) -> str:
+    def prepare(self, decoded: Decoded, data: bytes, content_id: str) -> str:
         """Once per image: the data URL that every prompt of it sends (the original bytes when
         they are the image as decoded here, else a JPEG of it)."""
-        payload, mime = bytes_to_send(data, image)
+        payload, mime = bytes_to_send(data, decoded)
         return f"data:{mime};base64," + base64.b64encode(payload).decode()
 
     async def generate(self, data_url: str, job: TextJob) -> Generation:
@@ -253,7 +254,7 @@ class ShardCaptioner:
         """On a decode thread: the image as the backend takes it, named by its content (the same
         bytes decoded with the same settings are the same pixels, whichever sample holds them)."""
         content_id = f"{hashlib.sha256(data).hexdigest()}-{self.image_max_side}"
-        return self.backend.prepare(decode_image(data, self.image_max_side), data, content_id)
+        return self.backend.prepare(decode(data, self.image_max_side), data, content_id)
 
     async def caption_shard(self, shard_path: str, jobs: list[TextJob], recompute: list[str]) -> tuple[dict, ShardResult]:
         """Make every job's text for every sample of a shard that lacks it (or all, for `recompute`)."""

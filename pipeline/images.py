@@ -3,20 +3,31 @@
 from __future__ import annotations
 
 import io
+from dataclasses import dataclass
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 # Web images can be decompression bombs; this is PIL's own guard, made an error instead of a warning.
 Image.MAX_IMAGE_PIXELS = 178_956_970
+EXIF_ORIENTATION = 0x0112
 
 
 class ImageDecodeError(ValueError):
     """The sample's image bytes are not a usable image (the message says why)."""
 
 
-def decode_image(data: bytes, max_side: int = 0) -> Image.Image:
+@dataclass
+class Decoded:
+    """A decoded image; `original_format` is the file's format when `image` holds the file's own
+    pixels untouched (RGB, upright, not shrunk), else None."""
+
+    image: Image.Image
+    original_format: str | None = None
+
+
+def decode(data: bytes, max_side: int = 0) -> Decoded:
     """Decode, turn upright (EXIF orientation), convert to RGB, and shrink (never enlarge) so the
-    long side is at most `max_side`.
+    long side is at most `max_side`; say whether any of that changed the file's pixels.
 
     Orientation is applied once here, so that engines can be given the pixels as they are (vLLM
     would otherwise check and copy the image for every prompt of it). Shrinking here, on a CPU
@@ -30,10 +41,13 @@ def decode_image(data: bytes, max_side: int = 0) -> Image.Image:
         # of its pixels), and closing it would free them. It reads from memory, so nothing leaks.
         im = Image.open(io.BytesIO(data))
         im.load()
+        untouched = im.mode == "RGB"
         try:  # phone photos: pixels as the camera was held. A broken EXIF block loses only this.
-            ImageOps.exif_transpose(im, in_place=True)
+            if im.getexif().get(EXIF_ORIENTATION, 1) in range(2, 9):
+                ImageOps.exif_transpose(im, in_place=True)
+                untouched = False
         except Exception:  # noqa: BLE001 (PIL raises many types from EXIF parsing)
-            pass
+            untouched = False  # in doubt, nobody else should be trusted to read it the same way
         rgb = im if im.mode == "RGB" else im.convert("RGB")
     except Image.DecompressionBombError as e:
         raise ImageDecodeError(f"image too large to decode safely ({e})") from None
@@ -46,7 +60,13 @@ def decode_image(data: bytes, max_side: int = 0) -> Image.Image:
         raise ImageDecodeError("image could not be decoded: empty image")
     if max_side and max(rgb.size) > max_side:
         rgb.thumbnail((max_side, max_side), Image.Resampling.BICUBIC)
-    return rgb
+        untouched = False
+    return Decoded(rgb, im.format if untouched else None)
+
+
+def decode_image(data: bytes, max_side: int = 0) -> Image.Image:
+    """`decode`'s image alone."""
+    return decode(data, max_side).image
 
 
 def encode_jpeg(image: Image.Image, quality: int = 92) -> bytes:
@@ -59,19 +79,13 @@ def encode_jpeg(image: Image.Image, quality: int = 92) -> bytes:
 SENDABLE = {"JPEG": "image/jpeg", "PNG": "image/png", "WEBP": "image/webp"}
 
 
-def bytes_to_send(data: bytes, image: Image.Image) -> tuple[bytes, str]:
-    """The image as bytes for a server: its original bytes when they decode to exactly `image`
-    (an upright RGB image in a common format, not shrunk), else `image` encoded as JPEG.
+def bytes_to_send(data: bytes, decoded: Decoded) -> tuple[bytes, str]:
+    """The image as bytes for a server: its original bytes when they decode to exactly
+    `decoded.image` in a common format, else that image encoded as JPEG.
 
     Sending the original saves a JPEG encode per image and a second lossy compression, so that a
     server sees the very pixels a local engine would.
     """
-    try:
-        with Image.open(io.BytesIO(data)) as original:  # reads the header only
-            unchanged = (original.format in SENDABLE and original.mode == "RGB" and original.size == image.size
-                         and original.getexif().get(0x0112, 1) == 1)  # 0x0112: EXIF orientation
-            if unchanged:
-                return data, SENDABLE[original.format]
-    except Exception:  # noqa: BLE001 (it decoded once already; any doubt means re-encode)
-        pass
-    return encode_jpeg(image), "image/jpeg"
+    if decoded.original_format in SENDABLE:
+        return data, SENDABLE[decoded.original_format]
+    return encode_jpeg(decoded.image), "image/jpeg"

@@ -7,7 +7,7 @@ import io
 import pytest
 from PIL import Image
 
-from pipeline.images import ImageDecodeError, bytes_to_send, decode_image
+from pipeline.images import ImageDecodeError, bytes_to_send, decode, decode_image
 
 
 def encoded(im: Image.Image, fmt: str = "JPEG", orientation: int | None = None) -> bytes:
@@ -57,7 +57,7 @@ def test_undecodable_bytes_name_the_problem():
 @pytest.mark.parametrize("fmt,mime", [("JPEG", "image/jpeg"), ("PNG", "image/png"), ("WEBP", "image/webp")])
 def test_unchanged_images_are_sent_as_their_original_bytes(fmt, mime):
     data = encoded(half_red(), fmt)
-    assert bytes_to_send(data, decode_image(data, max_side=448)) == (data, mime)
+    assert bytes_to_send(data, decode(data, max_side=448)) == (data, mime)
 
 
 @pytest.mark.parametrize("case", ["shrunk", "rotated", "rgba", "grey"])
@@ -66,8 +66,9 @@ def test_changed_images_are_sent_as_a_jpeg_of_the_decoded_pixels(case):
             "rotated": encoded(half_red(), orientation=6),
             "rgba": encoded(half_red().convert("RGBA"), "PNG"),
             "grey": encoded(half_red().convert("L"))}[case]
-    image = decode_image(data, max_side=100)
-    sent, mime = bytes_to_send(data, image)
+    decoded = decode(data, max_side=100)
+    image = decoded.image
+    sent, mime = bytes_to_send(data, decoded)
     assert mime == "image/jpeg" and sent != data
     with Image.open(io.BytesIO(sent)) as back:
         assert back.format == "JPEG" and back.size == image.size and back.mode == "RGB"
