@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import errno
 import os
 import shutil
 import sys
@@ -445,9 +446,7 @@ class CaptionJob:
         manifest = self.writer.finish()
         print(summary, flush=True)
         if any("No space left on device" in reason for reason in self.failed.values()):
-            free = shutil.disk_usage(self.cfg.output).free if self.cfg.output.exists() else 0
-            print(f"{self.cfg.output}: the filesystem is full ({free / 2**20:.1f} MiB free): free space there (or "
-                  "choose another output) and rerun; the finished shards are kept", flush=True)
+            print(disk_full_message(self.cfg.output), flush=True)
         if self.failed:
             print(f"{len(self.failed)} shards failed after retries: {', '.join(sorted(self.failed)[:10])}"
                   f"{' ...' if len(self.failed) > 10 else ''}. Rerun the same command to retry them.", flush=True)
@@ -493,6 +492,12 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def disk_full_message(output: Path) -> str:
+    free = shutil.disk_usage(output).free if output.exists() else 0
+    return (f"{output}: the filesystem is full ({free / 2**20:.1f} MiB free): free space there (or choose another "
+            "output) and rerun; the finished shards are kept")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -517,6 +522,8 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as e:  # the driver's own bookkeeping (records, manifest) could not be written
         print(f"error: cannot write {e.filename or cfg.output}: {e.strerror or e}. The shards finished so far "
               "are kept; free space or fix the permissions there and rerun the same command", file=sys.stderr)
+        if e.errno == errno.ENOSPC:  # the same words whichever write (a shard's or the books') found it full
+            print(disk_full_message(cfg.output), file=sys.stderr)
         return 1
 
 
