@@ -16,7 +16,7 @@ test: setup
 	$(PY) -m pytest -q -ra $(PYTEST_ARGS)
 
 demo: setup
-	PATH="$(abspath $(VENV))/bin:$$PATH" $(PY) -m pipeline.demo $(DEMO_ARGS)
+	PATH="$(abspath $(VENV))/bin:$$PATH" $(PY) -m demo $(DEMO_ARGS)
 
 bench: setup
 	$(PY) bench/caption_throughput.py

@@ -62,7 +62,7 @@ def raw_vllm(model: str, engine: dict, images_dir: Path, prompt_ids: list[str], 
 
     from caption_prompts import load_prompt_set
     from data_manifests import ShardReader, list_shard_files
-    from pipeline.images import decode_image
+    from pipeline.caption.images import decode_image
 
     prompts = [load_prompt_set("default").get(i).text for i in prompt_ids]
     processor = AutoProcessor.from_pretrained(model)
@@ -165,7 +165,7 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="capbench"))
     model = args.model
     if not model:
-        from pipeline.tiny_vlm import build_tiny_qwen2vl
+        from demo.tiny_vlm import build_tiny_qwen2vl
 
         model = str(build_tiny_qwen2vl(work / "tiny-qwen2vl"))
     images_dir = make_inputs(work / "images", args.images, args.per_shard)

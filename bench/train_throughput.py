@@ -7,7 +7,7 @@ dataset of the tests (M = 5 texts per image):
   1. the data pipeline alone: samples/s of MultiTextStream with 0, 1, 2 DataLoader workers;
   2. a plain PyTorch loop (model + loss + AdamW on in-memory batches): step time for H = 1
      (O2M), Psi_CLS H = 5 and Psi_MLP H = 5, i.e. what the branches cost;
-  3. the trainer itself (`deepspeed --num_gpus N train/main.py`, ZeRO 0, fp32): samples/s, step
+  3. the trainer itself (`deepspeed --num_gpus N --module train.main`, ZeRO 0, fp32): samples/s, step
      time split into data wait and compute, read back from its TensorBoard scalars; against (2)
      this is the DeepSpeed overhead for the same model and batch.
 With a CUDA GPU, also ViT-B/16 (224 px, bf16): the plain loop's samples/s and model FLOPs
@@ -133,7 +133,7 @@ def trainer(config: str, data: Path, out: Path, ranks: int, micro: int, steps: i
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(ranks), "--master_port", str(free_port()),
-           "train/main.py", "--config", f"train/configs/{config}.yaml", "--set", f"data.shards={data}",
+           "--module", "train.main", "--config", f"train/configs/{config}.yaml", "--set", f"data.shards={data}",
            "--set", f"output_dir={out}", "--set", f"train.steps={steps + 3}", "--set", f"train.micro_batch_size={micro}",
            "--set", f"train.global_batch_size={micro * ranks}", "--set", "checkpoint.every_steps=100000",
            "--set", "checkpoint.export=false", "--set", "log.progress_bar=false", "--set", "log.every_steps=1",

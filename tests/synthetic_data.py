@@ -24,7 +24,7 @@ from pathlib import Path
 from PIL import Image, ImageDraw
 
 from data_manifests import DatasetWriter, Sample, quality_flags, sha256_hex
-from pipeline.scenes import draw_shape
+from demo.scenes import draw_shape
 
 SHAPES = ("circle", "square", "triangle", "cross")
 COLOURS = {"red": (220, 30, 30), "green": (30, 180, 40), "blue": (30, 60, 220), "yellow": (235, 215, 30)}

@@ -24,7 +24,7 @@ import pytest
 from caption_fixtures import (BAD_KEYS, ENGINE, ENV, captioner, make_image_dataset, read_texts, write_config)
 from conftest import BIN, ROOT, free_port
 from data_manifests import load_manifest
-from pipeline.tiny_vlm import build_tiny_llava, build_tiny_qwen2vl
+from demo.tiny_vlm import build_tiny_llava, build_tiny_qwen2vl
 
 pytestmark = pytest.mark.slow
 TWO_PROMPTS = {"set": "default", "ids": ["detail", "background"]}

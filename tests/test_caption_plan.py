@@ -13,11 +13,11 @@ import yaml
 from caption_fixtures import captioner, make_image_dataset, write_config
 from conftest import ROOT
 from data_manifests import DatasetWriter, Sample
-from pipeline.caption import plan_job
-from pipeline.caption_config import ConfigError, load_config, parse_config
-from pipeline.caption_writer import merge_sample
-from pipeline.captioner import ShardResult
-from pipeline.provenance import conflicts, model_content_hash, text_provenance
+from pipeline.caption.plan import plan_job
+from pipeline.caption.config import ConfigError, load_config, parse_config
+from pipeline.caption.writer import merge_sample
+from pipeline.caption.captioner import ShardResult
+from pipeline.caption.provenance import conflicts, model_content_hash, text_provenance
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +74,7 @@ def test_text_ids_by_captioner_count(images, tmp_path, model_dir):
 
 
 def test_shipped_configs_validate():
-    for path in sorted((ROOT / "pipeline" / "configs").glob("*.yaml")):
+    for path in [*sorted((ROOT / "pipeline" / "caption" / "configs").glob("*.yaml")), ROOT / "demo" / "configs" / "caption_cpu.yaml"]:
         data = yaml.safe_load(path.read_text())
         for cap in data["captioners"]:
             # Hub models are not in this machine's cache; a local dir stands in for validation.
@@ -103,7 +103,7 @@ def test_plan_resume_increment_and_overwrite(images, tmp_path, model_dir):
     assert plans[0].work == {"tiny": []} and plans[0].source == str(images / "00000.tar")
 
     # Shard 0 done with this identity: a resume skips it.
-    from pipeline.caption_writer import write_captioned_shard
+    from pipeline.caption.writer import write_captioned_shard
     from data_manifests import ShardInfo, TextStats
 
     out = write_captioned_shard(str(images / "00000.tar"), str(writer.shard_path("00000.tar")),

@@ -1,6 +1,6 @@
 """The whole pipeline as `make demo` runs it, and the same job killed at every stage.
 
-`python -m pipeline.demo` (what `make demo` runs) at a small size: real img2dataset from a
+`python -m demo` (what `make demo` runs) at a small size: real img2dataset from a
 loopback server, a real caption job on an embedded Ray with a vLLM engine (the tiny VLM: no model
 hub here, and the demo must say so), real 2-rank DeepSpeed training, real evaluation. Then the
 same command in a second directory, killed with SIGKILL during ingest, during captioning (the
@@ -40,7 +40,7 @@ TIMEOUT = 900
 
 def start(out: Path, log: Path) -> subprocess.Popen:
     sink = open(log, "ab")
-    return subprocess.Popen([sys.executable, "-m", "pipeline.demo", "--out", str(out), *SMALL], cwd=ROOT,
+    return subprocess.Popen([sys.executable, "-m", "demo", "--out", str(out), *SMALL], cwd=ROOT,
                             stdout=sink, stderr=subprocess.STDOUT, start_new_session=True,
                             env={**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}"})
 

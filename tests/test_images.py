@@ -7,7 +7,7 @@ import io
 import pytest
 from PIL import Image
 
-from pipeline.images import ImageDecodeError, bytes_to_send, decode, decode_image
+from pipeline.caption.images import ImageDecodeError, bytes_to_send, decode, decode_image
 
 
 def encoded(im: Image.Image, fmt: str = "JPEG", orientation: int | None = None) -> bytes:

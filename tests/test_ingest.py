@@ -33,8 +33,8 @@ from data_manifests import COMPLETE, ShardReader, load_manifest
 from data_manifests.verify import verify_dataset
 from helpers import snapshot, write_raw_tar
 from http_server import BAD_KINDS, ImageServer
-from pipeline.convert import reason_of
-from pipeline.ingest import main
+from pipeline.ingest.converter import reason_of
+from pipeline.ingest.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 MANIFEST_CLI = str(Path(sys.executable).with_name("holiclip-manifest"))
@@ -311,7 +311,7 @@ def test_ray_job_submit_with_ray_distributor(ray_cluster, server, tmp_path):
 def test_url_list_directory_of_gzipped_csv_is_streamed_into_whole_shard_parts(tmp_path):
     import gzip
 
-    from pipeline.url_list import UrlList, prepare
+    from pipeline.ingest.url_list import UrlList, prepare
 
     lists = tmp_path / "lists"
     lists.mkdir()

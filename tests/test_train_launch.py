@@ -70,7 +70,7 @@ def dataset(tmp_path_factory) -> Path:
 
 
 def launch(config: str, out: Path, dataset: Path, *args: str, sets: list[str] = ()) -> subprocess.CompletedProcess:
-    cmd = [str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()), "train/main.py",
+    cmd = [str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()), "--module", "train.main",
            "--config", f"train/configs/{config}.yaml", "--set", f"data.shards={dataset}", "--set", f"output_dir={out}",
            "--set", "log.progress_bar=false", *[a for s in sets for a in ("--set", s)], *args]
     return run(cmd, ENV)
@@ -85,7 +85,7 @@ def run(cmd: list[str], env: dict, timeout: float = LAUNCH_TIMEOUT) -> subproces
         stdout, stderr = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         for child in psutil.Process(proc.pid).children(recursive=True):
-            if "train/main.py" in " ".join(child.cmdline()) or "train.main" in " ".join(child.cmdline()):
+            if "train.main" in " ".join(child.cmdline()):
                 child.send_signal(signal.SIGUSR1)
         time.sleep(3)
         os.killpg(proc.pid, signal.SIGKILL)

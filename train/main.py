@@ -1,9 +1,8 @@
 """Train a Holistic CLIP with DeepSpeed.
 
-    deepspeed --num_gpus 8 train/main.py --config train/configs/vit_b16_m2m_cls.yaml
-    deepspeed --hostfile hosts --master_addr node1 train/main.py --config ...      (multi-node)
-    DS_ACCELERATOR=cpu deepspeed --num_gpus 2 train/main.py --config ...          (CPU, gloo)
-    deepspeed --module train.main --config ...                                     (module form)
+    deepspeed --num_gpus 8 --module train.main --config train/configs/vit_b16_m2m_cls.yaml
+    deepspeed --hostfile hosts --master_addr node1 --module train.main --config ...      (multi-node)
+    DS_ACCELERATOR=cpu deepspeed --num_gpus 2 --module train.main --config ...          (CPU, gloo)
 
 Options: --set section.key=value (repeatable, YAML values), --resume auto|none|PATH,
 --stop-at-step N (checkpoint and exit after step N, e.g. before a job's time limit).
@@ -15,16 +14,6 @@ the config, the outputs and how exact a resumed run is.
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-if __package__ in (None, ""):
-    # Run as a script (`deepspeed train/main.py`): import the `train` package from the repository
-    # root, never this directory's modules as top-level ones (a `config` or `data` module of ours
-    # must not shadow anything a library imports).
-    sys.path[0] = str(Path(__file__).resolve().parents[1])
-    __package__ = "train"
-
 import argparse
 import dataclasses
 import faulthandler
@@ -33,7 +22,9 @@ import logging
 import os
 import signal
 import socket
+import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -363,7 +354,7 @@ def export_run(engine, dtype: torch.dtype, tokenizer: Tokenizer, model_cfg: Mode
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="train/main.py", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="deepspeed --module train.main", description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", required=True, help="training config YAML (train/configs/*.yaml)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config key, e.g. --set train.steps=100 (repeatable)")

@@ -10,7 +10,7 @@ The generator also knows the truth, so it can write *reference texts*, one per p
 the default prompt set (detail, background, main object, style): what a good captioner would
 say. The demo trains on them as a clearly labelled third run, to show what the method does with
 informative captions when no real VLM can be had; they never pass for VLM output (their
-provenance says `kind: reference`, source pipeline/scenes.py).
+provenance says `kind: reference`, source demo/scenes.py).
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ registry package ships one. These models have the real architectures (Qwen2-VL, 
 processors and chat templates, and a tokenizer trained here, so vLLM runs them through exactly
 the code paths a real captioner takes; only their captions are meaningless placeholders.
 
-    python -m pipeline.tiny_vlm --arch qwen2_vl --out models/tiny-qwen2vl
+    python -m demo.tiny_vlm --arch qwen2_vl --out models/tiny-qwen2vl
 
 Tests and the demo's fallback captioner use them. Building one takes a few seconds.
 """
@@ -191,7 +191,7 @@ def _remap_llava_weights(out: Path) -> None:
 def _write_card(out: Path, arch: str, seed: int) -> None:
     (out / "HOLICLIP_TINY_VLM.json").write_text(json.dumps({
         "architecture": arch, "seed": seed, "random_weights": True,
-        "note": "randomly initialised by pipeline.tiny_vlm: its captions are placeholders, not descriptions",
+        "note": "randomly initialised by demo.tiny_vlm: its captions are placeholders, not descriptions",
     }, indent=1))
 
 

@@ -3,9 +3,9 @@
 img2dataset writes into OUT/_ingest/img2dataset/: per shard a .tar, a .parquet (every URL with
 its status and error message) and, last, after closing the tar, a _stats.json. `ShardCollector`
 runs beside img2dataset in the ingest's process: each shard whose _stats.json has appeared is
-converted (pipeline.convert, in a thread or as a Ray task), committed to the manifest, and its
+converted (converter.py, in a thread or as a Ray task), committed to the manifest, and its
 staging .tar deleted. The .parquet and _stats.json stay: they are the per-URL record, and they
-tell img2dataset's incremental mode that the shard is done. See pipeline/ingest.py for what a
+tell img2dataset's incremental mode that the shard is done. See downloader.py for what a
 rerun does after a kill at each of these points.
 
 Fault injection for the resume tests: HOLICLIP_INGEST_CRASH=<point> (read once, in the entry
@@ -27,7 +27,7 @@ from typing import Any
 from data_manifests import DatasetWriter, ManifestError
 from data_manifests.manifest import read_json
 
-from .convert import ConvertOptions, convert_shard
+from .converter import ConvertOptions, convert_shard
 
 POLL_S = 1.0
 CRASH_POINTS = ("prepare", "staged", "converting", "published", "committed")

@@ -6,7 +6,7 @@
     texts, then recorded as they are. In place (no --out, or --out DIR) nothing is copied or
     rewritten; with another --out they are hard-linked (copied only across file systems);
   - anything else (img2dataset's output: `.txt` captions and its metadata JSON; or any WebDataset
-    with an image and a caption per sample) is converted into --out by pipeline.convert, every
+    with an image and a caption per sample) is converted into --out by converter.py, every
     image decoded once. Such shards are never rewritten in place: that would destroy the input.
 `--from-folder DIR`
   images (.jpg .jpeg .png .webp) with a sidecar `<name>.txt` or `<name>.json` caption, walked in
@@ -25,34 +25,22 @@ import shutil
 import tarfile
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from data_manifests import (COMPLETE, RAW, ShardInfo, ShardReadError, ShardReader, ShardWriter, TextStats,
                             list_shard_files, sha256_hex)
 
-from .convert import (IMAGE_MEMBERS, OTHER_IMAGE_MEMBERS, ConvertOptions, SampleRejected, convert_shard,
-                      read_img2dataset_stats, to_sample, top_reasons)
-from .ingest import IngestError, hold_lock, open_writer, remove_leftovers, report
+from .config import ImportConfig, IngestError
+from .converter import (IMAGE_MEMBERS, OTHER_IMAGE_MEMBERS, ConvertOptions, SampleRejected, convert_shard,
+                        read_img2dataset_stats, to_sample, top_reasons)
+from .output import hold_lock, open_writer, remove_leftovers, report
 
-DEFAULT_CAPTION_KEYS = ("txt", "caption")
 OUR_MEMBERS = {"jpg", "png", "webp", "json"}
 
 
-@dataclass(frozen=True)
-class ImportConfig:
-    caption_keys: tuple[str, ...] | None = None  # member extensions or JSON fields; None: DEFAULT_CAPTION_KEYS
-    shard_size: int = 10000
-    max_image_area: float = 1e8
-    progress: bool = True
-
-    @property
-    def keys(self) -> tuple[str, ...]:
-        return self.caption_keys or DEFAULT_CAPTION_KEYS
-
-    def convert_options(self) -> ConvertOptions:
-        return ConvertOptions(caption_keys=self.keys, check_images=True, max_image_area=self.max_image_area)
+def _convert_options(cfg: ImportConfig) -> ConvertOptions:
+    return ConvertOptions(caption_keys=cfg.keys, check_images=True, max_image_area=cfg.max_image_area)
 
 
 def _bar(total: int, desc: str, enabled: bool):
@@ -223,7 +211,7 @@ def import_webdataset(src: Path, out: Path | None, cfg: ImportConfig) -> int:
                     continue
             stats_path = shard.with_name(f"{shard.stem}_stats.json")
             try:
-                result = convert_shard(shard, out / name, cfg.convert_options(),
+                result = convert_shard(shard, out / name, _convert_options(cfg),
                                        img2dataset_stats=stats_path if extra else None)
             except ShardReadError as e:
                 writer.fail(name, f"{src / name}: {e.reason}")
@@ -294,7 +282,7 @@ def import_folder(src: Path, out: Path, cfg: ImportConfig) -> int:
     names = [f"{i:0{digits}d}.tar" for i in range(shards)]
     source = {"path": str(root), "images": total, "fingerprint": fingerprint}
     settings = {"caption_keys": list(cfg.keys), "max_image_area": cfg.max_image_area, "shard_size": cfg.shard_size}
-    options = cfg.convert_options()
+    options = _convert_options(cfg)
     lock = hold_lock(out)
     try:
         writer, run = _start_import(out, "folder", source, settings, names)

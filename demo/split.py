@@ -2,7 +2,7 @@
 
 The last `test_shards` shards of the captioned dataset are held out. Every sample gains the
 scene generator's reference texts (text ids `ref/*`, provenance kind "reference": written from
-the drawn attributes by pipeline/scenes.py, not by a VLM). The test shards' pictures are also
+the drawn attributes by demo/scenes.py, not by a VLM). The test shards' pictures are also
 filed by attribute value, OUT/zeroshot/<attribute>/<value>/<key>.<ext>, with the class names and
 prompt templates `python -m eval zeroshot` reads.
 
@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from data_manifests import COMPLETE, DatasetWriter, ShardReader, load_manifest, quality_flags
-from pipeline import scenes as sc
+from demo import scenes as sc
 
 
 class SplitError(RuntimeError):
@@ -30,7 +30,7 @@ def reference_provenance() -> dict[str, dict[str, Any]]:
     from caption_prompts import load_prompt_set
 
     prompts = {p.id: p.text for p in load_prompt_set("default").prompts}
-    return {text_id: {"kind": "reference", "source": "pipeline/scenes.py",
+    return {text_id: {"kind": "reference", "source": "demo/scenes.py",
                       "note": "written from the drawn attributes by the scene generator, not by a VLM",
                       "stands_in_for": {"prompt_set": "default", "id": pid, "text": prompts[pid]}}
             for text_id, pid in sc.REFERENCE_TEXTS.items()}

@@ -17,7 +17,7 @@ from typing import Any
 
 from data_manifests.manifest import now_iso
 
-from .caption_config import CaptionerConfig, TextJob
+from .config import CaptionerConfig, TextJob
 
 _SMALL_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
                 "chat_template.jinja", "chat_template.json", "preprocessor_config.json", "processor_config.json",

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from data_manifests import load_manifest
-from pipeline import scenes as sc
+from demo import scenes as sc
 
 
 def _pct(x: float | None) -> str:
@@ -78,7 +78,7 @@ def write_report(out: Path, runs: list[str], run_info: dict[str, tuple], note: s
     rows.append(["**mean**", _pct(sum(chance.values()) / len(chance)),
                  *(f"**{_pct(sum(v) / len(v))}**" if v else "-" for v in means.values())])
     parts += ["", f"## Zero-shot top-1 (%) on the {test.num_samples} held-out pictures, per drawn attribute", "",
-              "Class prompts from pipeline/scenes.py (TEMPLATES); branch fusion: average. The alt-texts never "
+              "Class prompts from demo/scenes.py (TEMPLATES); branch fusion: average. The alt-texts never "
               "mention the position and seldom the background.", "",
               _table(["attribute", "chance", *runs], rows)]
 

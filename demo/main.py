@@ -1,11 +1,11 @@
 """`make demo`: from a URL list to a trained, evaluated Holistic CLIP on one machine.
 
-    python -m pipeline.demo                      # everything, into runs/demo
-    python -m pipeline.demo --out runs/demo2 --scenes 256 --steps 60
+    python -m demo                      # everything, into runs/demo
+    python -m demo --out runs/demo2 --scenes 256 --steps 60
 
 Every stage runs the project's real command (printed as it starts) in its own process:
 
-  1. scenes   draw pictures of shapes (pipeline/scenes.py) with partial, web-like alt-texts,
+  1. scenes   draw pictures of shapes (demo/scenes.py) with partial, web-like alt-texts,
               and write a URL list for them; a loopback HTTP server serves them during ingest
   2. ingest   python -m pipeline.ingest (img2dataset) -> OUT/images
   3. caption  python -m pipeline.caption on an embedded local Ray with one vLLM engine on the
@@ -21,7 +21,7 @@ Every stage runs the project's real command (printed as it starts) in its own pr
   7. report   the numbers side by side, the path of every artefact, and
               `holiclip-manifest summary` of the captioned data (OUT/report.md)
 
-The captioner is the real small VLM named in pipeline/configs/demo_cpu.yaml when its weights can
+The captioner is the real small VLM named in demo/configs/caption_cpu.yaml when its weights can
 be had; without network (as on machines with no model hub) the demo says so and builds a tiny,
 randomly initialised VLM instead: the pipeline then runs for real, but its captions are
 placeholders and the `holistic` run has nothing more to learn from them than `o2o`. The
@@ -41,7 +41,6 @@ import json
 import os
 import shlex
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -55,17 +54,17 @@ from typing import Any
 
 import yaml
 
-from pipeline import scenes as sc
+from demo import scenes as sc
 
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
 BIN = Path(PY).parent
 STAGES = ("scenes", "ingest", "caption", "split", "train", "eval", "report")
 RUNS = {  # name -> (training config, text ids, what it shows)
-    "o2o": ("train/configs/demo_o2o.yaml", ["raw"], "plain CLIP: one embedding, the alt-text only"),
-    "holistic": ("train/configs/demo_holistic.yaml", ["raw", "detail", "background", "main_object", "style"],
+    "o2o": ("demo/configs/train_o2o.yaml", ["raw"], "plain CLIP: one embedding, the alt-text only"),
+    "holistic": ("demo/configs/train_holistic.yaml", ["raw", "detail", "background", "main_object", "style"],
                  "Holistic CLIP (5 class tokens, M2M) on the alt-text + the VLM's 4 captions"),
-    "holistic-ref": ("train/configs/demo_holistic.yaml", ["raw", *sc.REFERENCE_TEXTS],
+    "holistic-ref": ("demo/configs/train_holistic.yaml", ["raw", *sc.REFERENCE_TEXTS],
                      "Holistic CLIP on the alt-text + the generator's 4 reference texts (not a VLM)"),
 }
 FALLBACK_NOTE = ("the captions come from a tiny, randomly initialised VLM: they are placeholders, "
@@ -205,7 +204,7 @@ def choose_captioner(o: Options) -> tuple[dict[str, Any], str | None]:
         say("caption: FALLING BACK to a tiny, randomly initialised Qwen2-VL built locally; its captions are "
             "placeholders, not descriptions. Everything else runs as it would with the real model.")
         if not (tiny / "config.json").exists():
-            run_stage("build-tiny-vlm", [PY, "-m", "pipeline.tiny_vlm", "--arch", "qwen2_vl", "--out", tiny],
+            run_stage("build-tiny-vlm", [PY, "-m", "demo.tiny_vlm", "--arch", "qwen2_vl", "--out", tiny],
                       o.out / "logs" / "caption.log")
         captioner = {**captioner, "name": "tiny-qwen2vl", "model": str(tiny), "engine": {**captioner["engine"], "max_model_len": 1024}}
         note = f"{model} unavailable ({reason}); {FALLBACK_NOTE}"
@@ -244,7 +243,7 @@ def find_weights(model: str) -> tuple[str | None, str]:
 def stage_caption(o: Options) -> None:
     job, note = choose_captioner(o)
     config = o.out / "caption.yaml"
-    header = ("# Written by python -m pipeline.demo from pipeline/configs/demo_cpu.yaml; rerun with\n"
+    header = ("# Written by python -m demo from demo/configs/caption_cpu.yaml; rerun with\n"
               f"#   python -m pipeline.caption --config {config}\n")
     if note:
         header += f"# NOTE: {note}\n"
@@ -254,7 +253,7 @@ def stage_caption(o: Options) -> None:
 
 
 def stage_split(o: Options) -> None:
-    from pipeline.demo_split import SplitError, split
+    from demo.split import SplitError, split
 
     try:
         counts = split(o.out / "captioned", o.out, test_shards=o.test_shards)
@@ -271,7 +270,7 @@ def stage_train(o: Options) -> None:
         if finished_steps(run_dir) == o.steps:
             say(f"train {name}: already trained for {o.steps} steps ({run_dir / 'export'})")
             continue
-        cmd = [BIN / "deepspeed", "--num_gpus", o.ranks, "--master_port", free_port(), "train/main.py",
+        cmd = [BIN / "deepspeed", "--num_gpus", o.ranks, "--master_port", free_port(), "--module", "train.main",
                "--config", config, "--set", f"output_dir={run_dir}", "--set", f"data.shards=[{o.out / 'train'}]",
                "--set", f"data.text_ids=[{','.join(text_ids)}]", "--set", f"train.steps={o.steps}",
                "--set", f"checkpoint.every_steps={max(1, o.steps // 3)}"]
@@ -317,7 +316,7 @@ def stage_eval(o: Options) -> None:
 
 
 def stage_report(o: Options, note: str | None) -> Path:
-    from pipeline.demo_report import write_report
+    from demo.report import write_report
 
     report = write_report(o.out, o.runs, RUNS, note)
     print(report.read_text(), flush=True)
@@ -330,7 +329,7 @@ def stage_report(o: Options, note: str | None) -> Path:
 
 
 def parse_args(argv: list[str] | None) -> Options:
-    p = argparse.ArgumentParser(prog="python -m pipeline.demo", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m demo", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=ROOT / "runs" / "demo", help="demo directory (default: runs/demo)")
     p.add_argument("--scenes", type=int, default=768, help="pictures to draw (default 768)")
@@ -340,8 +339,8 @@ def parse_args(argv: list[str] | None) -> Options:
     p.add_argument("--steps", type=int, default=150, help="training steps of every run (default 150)")
     p.add_argument("--ranks", type=int, default=2, help="DeepSpeed processes (default 2)")
     p.add_argument("--runs", default=",".join(RUNS), help=f"training runs, comma-separated (default {','.join(RUNS)})")
-    p.add_argument("--caption-config", type=Path, default=ROOT / "pipeline" / "configs" / "demo_cpu.yaml",
-                   help="the captioner (default pipeline/configs/demo_cpu.yaml)")
+    p.add_argument("--caption-config", type=Path, default=ROOT / "demo" / "configs" / "caption_cpu.yaml",
+                   help="the captioner (default demo/configs/caption_cpu.yaml)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--until", choices=STAGES, default="report", help="stop after this stage")
     a = p.parse_args(argv)
@@ -395,7 +394,3 @@ def read_note(out: Path) -> str | None:
         pass
     return None
 
-
-if __name__ == "__main__":
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
-    sys.exit(main())

@@ -1,0 +1,148 @@
+"""Captioning one shard: read its images, ask an engine for every (image, prompt), collect texts.
+
+`ShardCaptioner.caption_shard` is a plain async function of (shard, text jobs): Ray only decides
+where it runs (distributor.py). Inside, a reader thread streams the shard and decodes images
+on a small thread pool while earlier images are being generated, so the engine always has
+queued work; a bound on images in flight keeps memory flat whatever the shard size. All prompts
+of one image are submitted together with the image first in the prompt, so the engine's
+multimodal cache and prefix cache reuse the image's vision encoding and KV across its prompts.
+
+Per-image work is done once per image, not once per prompt: the image is decoded, turned upright
+and converted for the backend (an array for vLLM, a JPEG data URL for a server) once, and it is
+named by a digest of its bytes, which vLLM takes as the image's cache key instead of hashing its
+pixels for every request. Prompt templates are tokenized once per captioner.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+from data_manifests import ShardReader, quality_flags
+
+from .backends import BACKENDS, RequestRejected
+from .config import CaptionerConfig, TextJob
+from .images import ImageDecodeError, decode
+
+
+@dataclass
+class ShardResult:
+    """Texts made for one shard by one captioner, keyed by sample key (sent to the writer)."""
+
+    texts: dict[str, dict[str, str]] = field(default_factory=dict)
+    flags: dict[str, dict[str, list[str]]] = field(default_factory=dict)
+    errors: dict[str, dict[str, str]] = field(default_factory=dict)
+
+
+
+
+class ShardCaptioner:
+    """Captions shards with one backend. One instance per engine replica (a Ray actor holds it)."""
+
+    def __init__(self, cfg: CaptionerConfig, image_max_side: int, decode_threads: int = 4):
+        self.cfg = cfg
+        self.image_max_side = image_max_side
+        self.backend = BACKENDS[cfg.type](cfg)
+        self.decode_pool = ThreadPoolExecutor(max_workers=decode_threads, thread_name_prefix="decode")
+        self.in_flight = asyncio.Semaphore(cfg.max_images_in_flight)  # shared by every shard in flight
+
+    async def warm_up(self) -> None:
+        await self.backend.warm_up(self.cfg.jobs()[0])
+
+    def _load(self, data: bytes):
+        """On a decode thread: the image as the backend takes it, named by its content (the same
+        bytes decoded with the same settings are the same pixels, whichever sample holds them)."""
+        content_id = f"{hashlib.sha256(data).hexdigest()}-{self.image_max_side}"
+        return self.backend.prepare(decode(data, self.image_max_side), data, content_id)
+
+    async def caption_shard(self, shard_path: str, jobs: list[TextJob], recompute: list[str]) -> tuple[dict, ShardResult]:
+        """Make every job's text for every sample of a shard that lacks it (or all, for `recompute`)."""
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue(maxsize=self.cfg.max_images_in_flight)
+        result = ShardResult()
+        figures = {"images": 0, "captions": 0, "prompt_tokens": 0, "cached_tokens": 0, "generated_tokens": 0,
+                   "decode_errors": 0, "caption_errors": 0}
+        started = time.monotonic()
+        reader_error: list[BaseException] = []
+        stop = threading.Event()
+        recompute_set = set(recompute)
+
+        def read() -> None:
+            # Runs in a thread: streams the shard, hands each sample's decode to the pool.
+            try:
+                for sample in ShardReader(shard_path):
+                    if stop.is_set():
+                        break
+                    todo = [j for j in jobs if j.text_id in recompute_set or j.text_id not in sample.texts]
+                    if not todo:
+                        continue
+                    future = self.decode_pool.submit(self._load, sample.image)
+                    asyncio.run_coroutine_threadsafe(queue.put((sample.key, todo, future)), loop).result()
+            except BaseException as e:  # reported to the caller below, which retries the shard
+                reader_error.append(e)
+            finally:
+                asyncio.run_coroutine_threadsafe(queue.put(None), loop).result()
+
+        async def caption_image(key: str, todo: list[TextJob], future) -> None:
+            try:
+                try:
+                    image = await asyncio.wrap_future(future)  # as the backend takes it
+                except ImageDecodeError as e:
+                    figures["decode_errors"] += 1
+                    result.errors[key] = {j.text_id: str(e) for j in todo}
+                    return
+                figures["images"] += 1
+                gens = await asyncio.gather(*(self.backend.generate(image, j) for j in todo), return_exceptions=True)
+                for job, gen in zip(todo, gens):
+                    if isinstance(gen, RequestRejected):
+                        figures["caption_errors"] += 1
+                        result.errors.setdefault(key, {})[job.text_id] = f"request rejected: {gen}"
+                        continue
+                    if isinstance(gen, BaseException):
+                        raise gen
+                    text = gen.text.strip()
+                    result.texts.setdefault(key, {})[job.text_id] = text
+                    flags = quality_flags(text, gen.finish_reason)
+                    if flags:
+                        result.flags.setdefault(key, {})[job.text_id] = flags
+                    figures["captions"] += 1
+                    figures["prompt_tokens"] += gen.prompt_tokens
+                    figures["cached_tokens"] += gen.cached_tokens
+                    figures["generated_tokens"] += gen.generated_tokens
+            finally:
+                self.in_flight.release()
+
+        reader = threading.Thread(target=read, name="shard-reader", daemon=True)
+        reader.start()
+        tasks: list[asyncio.Task] = []
+        try:
+            while (item := await queue.get()) is not None:
+                await self.in_flight.acquire()
+                tasks.append(asyncio.ensure_future(caption_image(*item)))
+                failed = next((t for t in tasks if t.done() and not t.cancelled() and t.exception()), None)
+                if failed is not None:
+                    raise failed.exception()
+            await asyncio.gather(*tasks)
+        except BaseException:
+            # Stop the reader, abandon this shard's requests (vLLM aborts cancelled ones), and
+            # drain the queue so the reader thread is never left blocked on it.
+            stop.set()
+            for t in tasks:
+                t.cancel()
+            while (await queue.get()) is not None:
+                pass
+            raise
+        finally:
+            reader.join(timeout=60)
+        if reader_error:
+            raise reader_error[0]
+        figures["seconds"] = time.monotonic() - started
+        return figures, result
+
+    def shutdown(self) -> None:
+        self.backend.shutdown()
+        self.decode_pool.shutdown(wait=False)

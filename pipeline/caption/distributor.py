@@ -1,0 +1,301 @@
+"""Runs a caption job's shards on a Ray cluster: the only module of the stage that imports Ray.
+
+    ray job submit --address http://HEAD:8265 --working-dir . -- \\
+        python -m pipeline.caption --config pipeline/caption/configs/qwen2vl_7b_default_8gpu.yaml
+
+Engines live in Ray actors that start once and serve many shards (each holds a
+captioner.ShardCaptioner); one long-lived writer actor per node merges the texts into the output
+shard; the driver (this module, with job.CaptionJob for the books) only schedules shards and
+passes object references, so neither images nor texts go through it.
+"""
+
+from __future__ import annotations
+
+import collections
+import errno
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from data_manifests import ShardWriteError
+
+from .config import CaptionerConfig, TextJob
+from .job import CaptionJob, JobError
+from .plan import ShardPlan
+
+MAX_REPLACEMENTS_PER_REPLICA = 2
+
+
+def _remote_classes():
+    """Ray-decorated actors, built on first use so importing this module needs no Ray."""
+    import ray
+
+    from .writer import write_captioned_shard
+    from .captioner import ShardCaptioner
+
+    class CaptionActor:
+        def __init__(self, cfg: CaptionerConfig, image_max_side: int):
+            self.captioner = ShardCaptioner(cfg, image_max_side)
+            self.node = ray.util.get_node_ip_address()
+            self.node_id = ray.get_runtime_context().get_node_id()
+
+        async def ready(self) -> tuple[str, str]:
+            await self.captioner.warm_up()
+            return self.node, self.node_id
+
+        @ray.method(num_returns=2)
+        async def caption_shard(self, shard_path: str, jobs: list[TextJob], recompute: list[str]):
+            figures, result = await self.captioner.caption_shard(shard_path, jobs, recompute)
+            figures["node"] = self.node
+            return figures, result
+
+    class WriterActor:
+        """Writes output shards on one node. Long-lived, so no Ray worker process is started per
+        shard: on a node whose cores the engines use, every such start (~0.5 s of CPU) is taken
+        from them."""
+
+        def write(self, source: str, output: str, *results):
+            return write_captioned_shard(source, output, list(results))
+
+    return ray.remote(CaptionActor), ray.remote(WriterActor)
+
+
+class Writers:
+    """One writer actor per node that hosts captioners, made when first needed.
+
+    num_cpus=0: writing is light I/O, and engines may hold every CPU of a node. A writer that
+    dies is restarted and its call retried (writes are atomic and idempotent); a node that is gone
+    gets its writes elsewhere (soft affinity).
+    """
+
+    def __init__(self, actor_cls):
+        self.actor_cls = actor_cls
+        self.by_node: dict[str, Any] = {}
+
+    def on(self, node_id: str | None):
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        key = node_id or "any"
+        if key not in self.by_node:
+            opts: dict[str, Any] = {"num_cpus": 0, "max_concurrency": 4, "max_restarts": 3, "max_task_retries": 2}
+            if node_id:
+                opts["scheduling_strategy"] = NodeAffinitySchedulingStrategy(node_id, soft=True)
+            self.by_node[key] = self.actor_cls.options(**opts).remote()
+        return self.by_node[key]
+
+
+@dataclass
+class Slot:
+    handle: Any
+    index: int
+    in_flight: int = 0
+    node: str = "?"
+    node_id: str | None = None
+
+
+class Pool:
+    """The replicas of one captioner, and the shards waiting for them."""
+
+    def __init__(self, cfg: CaptionerConfig, actor_cls, image_max_side: int):
+        self.cfg = cfg
+        self.actor_cls = actor_cls
+        self.image_max_side = image_max_side
+        self.queue: collections.deque[str] = collections.deque()
+        self.slots: list[Slot] = []
+        self.replacements = 0
+
+    def _options(self) -> dict[str, Any]:
+        opts: dict[str, Any] = {"num_cpus": self.cfg.num_cpus, "num_gpus": self.cfg.num_gpus,
+                                "max_concurrency": self.cfg.max_shards_in_flight + 4}
+        if self.cfg.custom_resources:
+            opts["resources"] = self.cfg.custom_resources
+        if self.cfg.scheduling == "spread":
+            opts["scheduling_strategy"] = "SPREAD"
+        if self.cfg.env:
+            opts["runtime_env"] = {"env_vars": self.cfg.env}
+        return opts
+
+    def _new_actor(self):
+        return self.actor_cls.options(**self._options()).remote(self.cfg, self.image_max_side)
+
+    def start(self) -> None:
+        self.slots = [Slot(self._new_actor(), i) for i in range(self.cfg.replicas)]
+
+    def wait_ready(self) -> None:
+        import ray
+
+        for slot in self.slots:
+            for attempt in (1, 2):
+                try:
+                    slot.node, slot.node_id = ray.get(slot.handle.ready.remote())
+                    break
+                except ray.exceptions.RayActorError as e:
+                    # An error raised by the engine's set-up (bad model, bad engine argument) will
+                    # recur: stop. A worker process that died under it (killed, out of memory) may
+                    # not: try once more.
+                    if attempt == 2 or "error raised in its creation task" in str(e):
+                        raise JobError(f"captioner {self.cfg.name!r}: the engine did not start: {_actor_cause(e)}") from None
+                    print(f"captioner {self.cfg.name!r}: the process of replica {slot.index} died while its engine "
+                          f"started ({_actor_cause(e)}); starting it again", flush=True)
+                    slot.handle = self._new_actor()
+                except ray.exceptions.RayTaskError as e:  # started, but could not answer a first request
+                    raise JobError(f"captioner {self.cfg.name!r}: the engine started but failed a first request on a "
+                                   f"64x64 image: {_actor_cause(e)}") from None
+
+    def replace(self, slot: Slot, reason: str) -> None:
+        import ray
+
+        if self.replacements >= MAX_REPLACEMENTS_PER_REPLICA * self.cfg.replicas:
+            self.slots.remove(slot)
+            print(f"captioner {self.cfg.name!r}: replica {slot.index} on {slot.node} died ({reason}); "
+                  "no replacements left", flush=True)
+            return
+        self.replacements += 1
+        ray.kill(slot.handle, no_restart=True)
+        slot.handle = self._new_actor()
+        slot.in_flight = 0
+        print(f"captioner {self.cfg.name!r}: replica {slot.index} on {slot.node} died ({reason}); "
+              f"started a replacement ({self.replacements} so far)", flush=True)
+
+    def free_slot(self) -> Slot | None:
+        candidates = [s for s in self.slots if s.in_flight < self.cfg.max_shards_in_flight]
+        return min(candidates, key=lambda s: s.in_flight) if candidates else None
+
+
+def _actor_cause(e: Exception) -> str:
+    text = str(e)
+    for line in reversed(text.splitlines()):
+        if line.strip() and ("Error" in line or "error" in line):
+            return line.strip()[:500]
+    return text.strip().splitlines()[-1][:500] if text.strip() else type(e).__name__
+
+
+# --- the driver's loop ---------------------------------------------------------------------------
+class RayRun:
+    """Schedules the planned shards over every captioner's replicas until each is written or failed."""
+
+    def __init__(self, job: CaptionJob):
+        self.job = job
+        self.cfg = job.cfg
+
+    def run(self, plans: list[ShardPlan]) -> int:
+        import ray
+
+        job = self.job
+        actor_cls, writer_cls = _remote_classes()
+        jobs = self.cfg.jobs()
+        pools = {c.name: Pool(c, actor_cls, self.cfg.image_max_side) for c in self.cfg.captioners
+                 if any(c.name in p.work for p in plans)}
+        if not plans:
+            print("nothing to do: every shard already has every text of this config", flush=True)
+            return job.finish(0.0)
+        print(f"{len(plans)} shards to caption ({job.input_samples} images); starting "
+              + ", ".join(f"{p.cfg.replicas} x {p.cfg.name}" for p in pools.values()), flush=True)
+        t_start = time.monotonic()
+        for pool in pools.values():
+            pool.start()
+        writers = Writers(writer_cls)
+        for pool in pools.values():
+            pool.wait_ready()
+            job.nodes.update(s.node for s in pool.slots)
+            for slot in pool.slots:  # started now, while nothing is timed or waiting for them
+                writers.on(slot.node_id)
+        print(f"engines ready in {time.monotonic() - t_start:.0f}s on nodes {', '.join(sorted(job.nodes))}", flush=True)
+
+        bar = job.bar()
+        waiting = collections.deque(plans)
+        open_plans: dict[str, ShardPlan] = {}
+        max_open = 2 * max(len(p.slots) * p.cfg.max_shards_in_flight for p in pools.values()) + 1
+        calls: dict[Any, tuple[Pool, Slot, Any, ShardPlan]] = {}  # figures ref -> (pool, slot, actor, shard)
+        writes: dict[Any, ShardPlan] = {}
+        t_work = time.monotonic()
+
+        while waiting or open_plans:
+            while waiting and len(open_plans) < max_open:
+                plan = waiting.popleft()
+                open_plans[plan.name] = plan
+                for cap in plan.work:
+                    pools[cap].queue.append(plan.name)
+            for pool in pools.values():
+                while pool.queue and (slot := pool.free_slot()) is not None:
+                    plan = open_plans.get(pool.queue.popleft())
+                    if plan is None:  # failed meanwhile
+                        continue
+                    fig_ref, res_ref = slot.handle.caption_shard.remote(plan.source, jobs[pool.cfg.name],
+                                                                        plan.work[pool.cfg.name])
+                    slot.in_flight += 1
+                    plan.results[pool.cfg.name] = res_ref
+                    calls[fig_ref] = (pool, slot, slot.handle, plan)
+                if pool.queue and not pool.slots:
+                    for name in list(pool.queue):
+                        job.fail(open_plans.pop(name, None), f"every replica of {pool.cfg.name!r} died")
+                    pool.queue.clear()
+            if not calls and not writes:
+                continue
+            ready, _ = ray.wait(list(calls) + list(writes), num_returns=1, timeout=2.0)
+            for ref in ready:
+                if ref in calls:
+                    self._caption_done(ref, calls.pop(ref), open_plans, writes, writers)
+                else:
+                    plan = writes.pop(ref)
+                    open_plans.pop(plan.name, None)
+                    self._write_done(ref, plan, bar)
+        if bar:
+            bar.close()
+        return job.finish(time.monotonic() - t_work)
+
+    def _caption_done(self, ref, call, open_plans, writes, writers: Writers) -> None:
+        import ray
+
+        pool, slot, handle, plan = call
+        name = pool.cfg.name
+        if slot.handle is handle:
+            slot.in_flight = max(0, slot.in_flight - 1)
+        try:
+            figures = ray.get(ref)
+        except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as e:
+            if slot in pool.slots and slot.handle is handle:  # not yet replaced by another failed call
+                pool.replace(slot, _actor_cause(e))
+            self._retry(plan, pool, f"replica died: {_actor_cause(e)}", open_plans)
+            return
+        except ray.exceptions.RayTaskError as e:
+            self._retry(plan, pool, _actor_cause(e), open_plans)
+            return
+        if plan.name not in open_plans:  # the shard failed on another captioner meanwhile
+            return
+        self.job.record_captions(plan, figures)
+        del plan.work[name]
+        if not plan.work:
+            output = str(self.job.writer.shard_path(plan.name))
+            # Written on the node that made the last texts, where its results already are.
+            writes[writers.on(slot.node_id).write.remote(plan.source, output, *plan.results.values())] = plan
+
+    def _retry(self, plan: ShardPlan, pool: Pool, reason: str, open_plans) -> None:
+        name = pool.cfg.name
+        plan.attempts[name] = plan.attempts.get(name, 0) + 1
+        if plan.attempts[name] > self.cfg.shard_retries:
+            self.job.fail(open_plans.pop(plan.name, None), f"{name}: {reason} (after {plan.attempts[name]} attempts)")
+            return
+        print(f"shard {plan.name}: {name} failed ({reason}); retrying ({plan.attempts[name]}/{self.cfg.shard_retries})",
+              flush=True)
+        pool.queue.appendleft(plan.name)
+
+    def _write_done(self, ref, plan: ShardPlan, bar) -> None:
+        import ray
+
+        try:
+            out = ray.get(ref)
+        except ray.exceptions.RayError as e:
+            cause = getattr(e, "cause", None)
+            full = isinstance(cause, ShardWriteError) and cause.errno == errno.ENOSPC
+            self.job.fail(plan, f"writing the output shard failed: {_actor_cause(e)}", disk_full=full)
+            return
+        self.job.commit(plan, out, bar)
+
+
+def run(job: CaptionJob, plans: list[ShardPlan], address: str | None) -> int:
+    """Join (or start) Ray and run the planned shards; the exit status."""
+    from pipeline.cluster import connect
+
+    connect(address)
+    return RayRun(job).run(plans)

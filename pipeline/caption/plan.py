@@ -1,0 +1,62 @@
+"""Planning a caption job: which texts each shard still needs.
+
+A shard is planned from the input dataset's manifest and the output's completion records only
+(no shard is opened): the texts it has are recorded by identity (provenance.py), so a resumed job
+skips finished shards and an extended one (a new prompt, a new captioner) computes only the new
+texts, and recomputes a text id for every sample only when asked to overwrite it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from data_manifests import COMPLETE, DatasetWriter
+
+from .config import CaptionConfig
+
+@dataclass
+class ShardPlan:
+    name: str
+    source: str  # the shard the images and existing texts are read from
+    work: dict[str, list[str]]  # captioner -> text ids to recompute for every sample (others: if missing)
+    identities: dict[str, str]  # text id -> identity the output shard will hold
+    attempts: dict[str, int] = field(default_factory=dict)
+    results: dict[str, Any] = field(default_factory=dict)  # captioner -> ObjectRef of its ShardResult
+    images: int = 0
+
+
+def plan_job(cfg: CaptionConfig, provenance: dict[str, dict[str, Any]], writer: DatasetWriter,
+             input_manifest) -> tuple[list[ShardPlan], list[str]]:
+    """Shards that need work (in order) and shards skipped because their input is not complete."""
+    jobs = cfg.jobs()
+    owner = {j.text_id: c for c, js in jobs.items() for j in js}
+    new_ident = {tid: rec["identity"] for tid, rec in provenance.items()}
+    input_ident = {tid: rec.get("identity") for tid, rec in input_manifest.texts.items()}
+    plans, skipped = [], []
+    names = sorted(input_manifest.shards)
+    if cfg.num_shards:
+        names = names[: cfg.num_shards]
+    for name in names:
+        if input_manifest.shards[name].status != COMPLETE:
+            skipped.append(name)
+            continue
+        done = writer.manifest.shards.get(name)
+        if writer.is_complete(name):
+            have = dict(done.info.get("text_identities", {}))
+            source = str(writer.shard_path(name))
+        else:
+            have = {tid: input_ident.get(tid) for tid in new_ident if tid in input_ident}
+            source = str(cfg.input / name)
+        need = [tid for tid in new_ident if have.get(tid) != new_ident[tid]]
+        if not need:
+            continue
+        work: dict[str, list[str]] = {}
+        for tid in need:
+            # An id the source has with another identity (overwrite): redo it for every sample.
+            work.setdefault(owner[tid], [])
+            if tid in have:
+                work[owner[tid]].append(tid)
+        plans.append(ShardPlan(name, source, work, {**have, **new_ident}))
+    return plans, skipped
+

@@ -1,0 +1,58 @@
+"""The output dataset of an ingest: one ingest per directory (a lock), its writer, leftovers of a
+killed run, and the summary printed at the end."""
+
+from __future__ import annotations
+
+import fcntl
+from pathlib import Path
+from typing import Any
+
+from data_manifests import COMPLETE, DatasetWriter
+
+from .config import IngestError
+
+LOCK_NAME = ".ingest.lock"
+
+
+def hold_lock(out: Path):
+    """One ingest per output directory: a second one would commit shards twice."""
+    out.mkdir(parents=True, exist_ok=True)
+    handle = open(out / LOCK_NAME, "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        raise IngestError(f"{out}: another ingest is writing to this directory ({out / LOCK_NAME} is locked); "
+                          "wait for it, or use another --out") from None
+    return handle  # the lock lasts as long as this file stays open (the kernel drops it on any exit)
+
+
+def remove_leftovers(out: Path) -> None:
+    """Half-written files of a killed run (`.<name>.partial-*`); safe while we hold the lock."""
+    for d in (out, out / "_shards"):
+        if d.is_dir():
+            for p in d.glob(".*.partial-*"):
+                p.unlink(missing_ok=True)
+
+
+def open_writer(out: Path, stage: str) -> DatasetWriter:
+    writer = DatasetWriter(out, stage=stage, flush_every_s=30.0)
+    if writer.resumed and writer.manifest.stage != stage:
+        raise IngestError(f"{out}: already holds a dataset made by the {writer.manifest.stage!r} stage; "
+                          "ingest into a new --out")
+    return writer
+
+
+def report(out: Path, manifest, run_info: dict[str, Any]) -> None:
+    counts = manifest.counts()
+    print(f"{out}: {manifest.status}, {counts['samples']} samples in {counts['shards']} shards")
+    if run_info.get("summary"):
+        print(f"  {run_info['summary']}")
+    for reason, n in list(run_info.get("failures", {}).items())[:10]:
+        print(f"  {n:8d}  {reason}")
+    if manifest.status != COMPLETE:
+        for name, entry in sorted(manifest.shards.items()):
+            if entry.status != COMPLETE:
+                print(f"  {name}: {entry.status} ({entry.info.get('error', '')})")
+        print("  rerun the same command to finish")
+
