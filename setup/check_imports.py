@@ -12,9 +12,9 @@ import sys
 PACKAGES = [
     "torch", "torchvision", "transformers", "vllm", "ray", "ray.data", "deepspeed", "webdataset",
     "pyarrow", "pandas", "img2dataset", "PIL", "yaml", "matplotlib", "tensorboard", "safetensors",
-    "tqdm", "pytest",
+    "tqdm", "pytest", "pydantic", "hypothesis",
     # the project's own packages
-    "data_manifests", "caption_prompts", "pipeline", "train", "eval",
+    "data_manifests", "caption_prompts", "pipeline.ingest", "pipeline.caption", "train", "eval", "demo",
 ]
 CODE = """
 import importlib, os, sys, warnings
