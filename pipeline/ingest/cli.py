@@ -48,7 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="import WebDataset shards (img2dataset output, or any image + caption per sample); "
                           "shards already in the project's format are indexed in place, without copying")
     src.add_argument("--from-folder", type=Path, metavar="DIR",
-                     help="import a folder of images (.jpg .png .webp) with sidecar .txt or .json captions")
+                     help="import a folder of images with sidecar .txt or .json captions: .jpg .png .webp stored as they are; "
+                          ".gif (first frame) .bmp .tif .tiff .ppm .avif converted to lossless PNG")
     what.add_argument("--out", type=Path, metavar="DIR",
                       help="output dataset directory (optional for --from-webdataset: in place)")
 
