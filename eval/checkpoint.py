@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from train.export import ExportError, load_exported
+from train.export import ExportError, WeightsMismatch, load_exported
 from train.model import HolisticCLIP
 from train.tokenizer import Tokenizer
 
@@ -57,9 +57,9 @@ def load_checkpoint(path: str | Path, device: str = "cpu") -> Checkpoint:
         path = path / "export"
     try:
         model, tokenizer, meta = load_exported(path, device=device)
+    except WeightsMismatch:
+        raise EvalError(_size_mismatch(path)) from None
     except ExportError as e:
-        if "does not match config.json" in str(e):
-            raise EvalError(_size_mismatch(path)) from None
         raise EvalError(str(e)) from None
     except (KeyError, TypeError, ValueError) as e:
         # A config.json whose "model" section is missing or invalid (ModelConfig rejects it).

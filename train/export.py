@@ -43,6 +43,10 @@ class ExportError(ValueError):
     """An export directory that cannot be loaded (the message names the file)."""
 
 
+class WeightsMismatch(ExportError):
+    """model.safetensors holds tensors of other names or shapes than the model config.json describes."""
+
+
 def probe_inputs(tokenizer: Tokenizer, image_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Fixed inputs: seeded noise images and a few texts (one empty)."""
     images = torch.randn(len(PROBE_TEXTS), 3, image_size, image_size, generator=torch.Generator().manual_seed(0))
@@ -144,7 +148,7 @@ def load_exported(path: str | Path, device: str | torch.device = "cpu", verify: 
         # PyTorch lists every mismatched tensor; the first line and one example are enough here.
         details = [line.strip() for line in str(e).splitlines() if line.strip()]
         example = next((d for d in details[1:] if "size mismatch" in d or "Missing" in d or "Unexpected" in d), "")
-        raise ExportError(f"{path / 'model.safetensors'}: does not match config.json "
+        raise WeightsMismatch(f"{path / 'model.safetensors'}: does not match config.json "
                           f"({len(details) - 1} problems, e.g. {example[:200]})") from None
     model = model.to(device).eval()
 

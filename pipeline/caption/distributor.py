@@ -133,7 +133,7 @@ class Pool:
                     # An error raised by the engine's set-up (bad model, bad engine argument) will
                     # recur: stop. A worker process that died under it (killed, out of memory) may
                     # not: try once more.
-                    if attempt == 2 or "error raised in its creation task" in str(e):
+                    if attempt == 2 or e.actor_init_failed:
                         raise JobError(f"captioner {self.cfg.name!r}: the engine did not start: {_actor_cause(e)}") from None
                     print(f"captioner {self.cfg.name!r}: the process of replica {slot.index} died while its engine "
                           f"started ({_actor_cause(e)}); starting it again", flush=True)
