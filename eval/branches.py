@@ -9,7 +9,7 @@ For branch m and text id n, over the evaluation set:
 - margin = matched - unmatched: how much branch m tells its image's type-n text from the others.
   A text type's raw similarity level differs by type (and by branch, since branches are not
   centred), so the margin is the number to read for specialisation; a Holistic CLIP whose branch
-  m was trained on text m shows its largest margins on the diagonal (METHOD.md, section 4).
+  m was trained on text m shows its largest margins on the diagonal (docs/method.md#4-loss).
 
 Both are exact and cost O(captions x H x D): the sum over all (image, caption) pairs is the dot
 product of the two sums, so no N x C matrix is formed.

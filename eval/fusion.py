@@ -1,4 +1,4 @@
-"""Branch fusion: one score per (image, text) from an image's H branch embeddings (METHOD.md, section 5).
+"""Branch fusion: one score per (image, text) from an image's H branch embeddings (docs/method.md#5-inference).
 
 With v_h the L2-normalised embedding of branch h (h in the chosen subset B) and t a text
 embedding, s_h = <v_h, t>:

@@ -29,7 +29,7 @@ os.environ.update({
     "TRANSFORMERS_OFFLINE": "1",
     "NO_ALBUMENTATIONS_UPDATE": "1",
     "RAY_USAGE_STATS_ENABLED": "0",
-    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",  # keep Ray on 127.0.0.1 (see ENVIRONMENT.md)
+    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",  # keep Ray on 127.0.0.1 (see docs/environment.md#ray)
     "TOKENIZERS_PARALLELISM": "false",
     "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"),
     "WANDB_MODE": "disabled",

@@ -140,7 +140,7 @@ def test_fusion_methods_by_hand():
     assert torch.allclose(Scorer(image, text, Fusion("average")).scores(), torch.tensor([[0.7, 0.5]]))
     assert torch.allclose(Scorer(image, text, Fusion("max")).scores(), torch.tensor([[0.8, 1.0]]))
     assert torch.allclose(Scorer(image, text, Fusion("average", (1,))).scores(), torch.tensor([[0.8, 0.0]]))
-    # Average of branch scores = score of the (unrenormalised) mean branch embedding, as in METHOD.md.
+    # Average of branch scores = score of the (unrenormalised) mean branch embedding, as in docs/method.md#5-inference.
     g = torch.Generator().manual_seed(0)
     image, text = F.normalize(torch.randn(7, 3, 5, generator=g), dim=-1), F.normalize(torch.randn(9, 5, generator=g), dim=-1)
     assert torch.allclose(Scorer(image, text, Fusion()).scores(), image.mean(1) @ text.T, atol=1e-6)

@@ -1,4 +1,4 @@
-"""Multi-to-multi contrastive loss of Holistic CLIP (METHOD.md, section 4), with its baselines.
+"""Multi-to-multi contrastive loss of Holistic CLIP (docs/method.md#4-loss), with its baselines.
 
 For each text type m the image embedding of branch m is contrasted against the type-m texts of
 the batch with a symmetric InfoNCE; the loss is the mean over m. Negatives are only type-m texts

@@ -398,7 +398,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _shutdown(barrier: bool) -> None:
-    # Barrier, then destroy: without it ZeRO-3 runs can abort at exit (ENVIRONMENT.md).
+    # Barrier, then destroy: without it ZeRO-3 runs can abort at exit (docs/environment.md#deepspeed).
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():

@@ -1,6 +1,6 @@
 """Holistic CLIP: a CLIP whose image tower emits H embeddings ("branches") per image.
 
-Two ways to get H embeddings out of one ViT (METHOD.md, section 3):
+Two ways to get H embeddings out of one ViT (docs/method.md#3-model):
 - branch="cls" (Psi_CLS): H class tokens that cannot attend to each other.
 - branch="mlp" (Psi_MLP): the last L blocks run H token streams that share everything except
   the second MLP linear.

@@ -1,4 +1,4 @@
-"""Image transforms with PIL, numpy and torch only (no torchvision at run time, ENVIRONMENT.md).
+"""Image transforms with PIL, numpy and torch only (no torchvision at run time, docs/environment.md#pytorch-and-torchvision).
 
 Training: random resized crop (area scale 0.9-1.0 and aspect ratio 3/4-4/3, as the paper's
 RandomResizedCrop), bicubic resize, CLIP normalisation. Evaluation: resize the shorter side,
