@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import fcntl
 import hashlib
+import gzip
 import io
 import json
 import os
@@ -351,6 +352,8 @@ BAD_LISTS = {
     "missing url column": ("list.csv", "link,caption\nhttp://127.0.0.1/a.jpg,a\n", [], r"no column 'url' \(columns: link, caption\).*--url-col"),
     "missing caption column": ("list.csv", "url,text\nhttp://127.0.0.1/a.jpg,a\n", [], r"no column 'caption'.*--caption-col"),
     "empty file": ("list.csv", "", [], r"the file is empty"),
+    "empty parquet file": ("list.parquet", "", [], r"the file is empty"),
+    "gzip of nothing": ("list.csv.gz", gzip.compress(b""), [], r"the file is empty"),
     "header only": ("list.tsv", "url\tcaption\n", [], r"has no rows"),
     "empty parquet": ("list.parquet", pa.table({"url": pa.array([], pa.string()), "caption": pa.array([], pa.string())}), [], r"has no rows"),
     "url column of numbers": ("list.parquet", pa.table({"url": [1, 2], "caption": ["a", "b"]}), [], r"column 'url' holds int64"),
@@ -370,6 +373,8 @@ def test_bad_url_list_is_one_clear_error_before_any_work(case, tmp_path, capsys)
     path = tmp_path / (name or "missing.csv")
     if isinstance(content, pa.Table):
         _write_parquet(path, content)
+    elif isinstance(content, bytes):
+        path.write_bytes(content)
     elif content is not None:
         path.write_text(content)
     out = tmp_path / "out"

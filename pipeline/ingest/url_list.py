@@ -20,6 +20,7 @@ it every sample key) is the same as for one big file, and the same on every reru
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import os
 from collections import Counter
@@ -61,6 +62,19 @@ def _format_of(path: Path) -> str:
         raise UrlListError(f"{path}: cannot tell the format from the extension {_suffix(path) or '(none)'!r}; "
                            f"use .parquet, .csv, .tsv or .jsonl (optionally .gz), or name it with --input-format")
     return fmt
+
+
+def _is_empty(path: Path) -> bool:
+    """No bytes at all, or a gzip file of nothing."""
+    if path.stat().st_size == 0:
+        return True
+    if path.name.lower().endswith(".gz"):
+        try:
+            with gzip.open(path, "rb") as f:
+                return not f.read(1)
+        except (OSError, EOFError):
+            return False  # not gzip after all: reading it says what is wrong
+    return False
 
 
 def _is_string(t: pa.DataType) -> bool:
@@ -150,6 +164,8 @@ class UrlList:
 
     def _check_file(self, path: Path) -> int | None:
         """Columns and emptiness of one file, from its schema or first block; rows when known."""
+        if _is_empty(path):
+            raise UrlListError(f"{path}: the file is empty (a URL list needs a header and rows)")
         try:
             reader = self._reader(path, None)
             if self.format == "parquet":
@@ -163,8 +179,6 @@ class UrlList:
                 if first is None or first.num_rows == 0:
                     rows = 0
         except (pa.ArrowInvalid, pa.ArrowNotImplementedError, OSError, UnicodeDecodeError) as e:
-            if "Empty" in str(e):
-                raise UrlListError(f"{path}: the file is empty (a URL list needs a header and rows)") from None
             raise UrlListError(f"{path}: cannot read it as {self.format} ({str(e).splitlines()[0]}); "
                                "check the file, or name its format with --input-format") from None
         names = schema.names
