@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import warnings
 
 import pytest
 from PIL import Image
@@ -72,3 +73,30 @@ def test_changed_images_are_sent_as_a_jpeg_of_the_decoded_pixels(case):
     assert mime == "image/jpeg" and sent != data
     with Image.open(io.BytesIO(sent)) as back:
         assert back.format == "JPEG" and back.size == image.size and back.mode == "RGB"
+
+
+def png_claiming(width: int, height: int) -> bytes:
+    """A tiny PNG whose header claims width x height pixels (a decompression bomb's header)."""
+    import struct
+    import zlib
+
+    data = bytearray(encoded(Image.new("L", (1, 1)), "PNG"))
+    ihdr = struct.pack(">II", width, height) + bytes(data[24:29])  # keep depth, colour type, ...
+    data[16:29] = ihdr
+    data[29:33] = struct.pack(">I", zlib.crc32(b"IHDR" + ihdr))
+    return bytes(data)
+
+
+def test_pil_alone_only_warns_below_twice_its_limit():
+    """The premise: between MAX_IMAGE_PIXELS (89 megapixels) and twice that, PIL decodes with a warning."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with Image.open(io.BytesIO(png_claiming(10_000, 10_000))) as im:
+            assert im.size == (10_000, 10_000)
+    assert any(issubclass(w.category, Image.DecompressionBombWarning) for w in caught)
+
+
+@pytest.mark.parametrize("side", [10_000, 15_000])  # PIL alone: a warning at 10,000 px square, an error at 15,000
+def test_decompression_bombs_are_decode_errors(side):
+    with pytest.raises(ImageDecodeError, match="too large to decode safely"):
+        decode(png_claiming(side, side))

@@ -7,8 +7,6 @@ from dataclasses import dataclass
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-# Web images can be decompression bombs; this is PIL's own guard, made an error instead of a warning.
-Image.MAX_IMAGE_PIXELS = 178_956_970
 EXIF_ORIENTATION = 0x0112
 
 
@@ -40,6 +38,11 @@ def decode(data: bytes, max_side: int = 0) -> Decoded:
         # No `with`: the image is returned as is when it is RGB already (most web images: no copy
         # of its pixels), and closing it would free them. It reads from memory, so nothing leaks.
         im = Image.open(io.BytesIO(data))
+        # Web images can be decompression bombs (a few KB whose header claims 15000 x 15000
+        # pixels). PIL only warns between its MAX_IMAGE_PIXELS (89 megapixels) and twice that;
+        # here the header alone refuses them, before gigabytes of pixels are allocated.
+        if im.width * im.height > Image.MAX_IMAGE_PIXELS:
+            raise Image.DecompressionBombError(f"{im.width} x {im.height} pixels, over {Image.MAX_IMAGE_PIXELS}")
         im.load()
         untouched = im.mode == "RGB"
         try:  # phone photos: pixels as the camera was held. A broken EXIF block loses only this.
