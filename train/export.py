@@ -54,7 +54,7 @@ def probe_inputs(tokenizer: Tokenizer, image_size: int) -> tuple[torch.Tensor, t
 
 
 def branch_text_ids(text_ids: list[str], num_branches: int) -> list[str | None]:
-    """Which text id trained each branch: text m pairs with branch m (METHOD.md, section 4).
+    """Which text id trained each branch: text m pairs with branch m (docs/method.md#4-loss).
 
     With H < M the extra texts pick a branch per sample (free matching) and are not listed;
     with H > M branches M.. had no text (None).
