@@ -220,7 +220,7 @@ def train(cfg: TrainConfig, resume: str = "auto", stop_at_step: int | None = Non
             "step": step, "zero_stage": cfg.train.zero_stage,
             "data": {"micro_batches": start_batch + (step - first_step) * accumulation, "salt": salt, "layout": layout},
             "model_config": dataclasses.asdict(model_cfg), "text_ids": text_ids, "tokenizer": cfg.model.tokenizer,
-            "training": {"step": step, "model": cfg.model.config, "loss": dataclasses.asdict(cfg.loss),
+            "training": {"step": step, "model": cfg.model.config, "loss": cfg.loss.model_dump(),
                          "precision": cfg.train.precision, "zero_stage": cfg.train.zero_stage,
                          "data": list(cfg.data.shards), "config": cfg.to_dict()},
         }
