@@ -4,7 +4,6 @@ DataLoader with real worker processes where it matters); no DeepSpeed."""
 
 from __future__ import annotations
 
-import dataclasses
 import random
 import shutil
 
@@ -36,7 +35,7 @@ def tokenizer():
 
 def section(dataset, **changes) -> DataSection:
     base = DataSection(shards=(str(dataset),), text_ids=TEXT_IDS, num_workers=0, shuffle_buffer=16)
-    return dataclasses.replace(base, **changes)
+    return base.model_copy(update=changes)
 
 
 def stream(dataset, tokenizer, data=None, batch=4, **kw) -> MultiTextStream:
@@ -97,7 +96,7 @@ def test_fallback_text_and_dropped_flags(tmp_path, tokenizer):
     texts = {k: tokenizer.decode(t[0]) for k, t in zip(batch["keys"], batch["tokens"])}
     assert texts == {"a": "red square", "b": "red square", "c": "warm red"}
     assert batch["counts"]["fallback_texts"] == 2
-    without = dataclasses.replace(data, fallback_text_id=None)
+    without = data.model_copy(update={"fallback_text_id": None})
     batch = take(stream(tmp_path / "ds", tokenizer, without, batch=2), 1)[0]
     assert set(batch["keys"]) == {"c"} and batch["counts"]["missing/style"] >= 2  # c twice: a second pass
 
@@ -169,7 +168,7 @@ def test_split_by_node_and_worker(dataset, tokenizer):
     shards = [{int(k[1:]) // 24 for k in ks} for ks in keys]
     assert shards == [{0, 2}, {1, 3}]  # rank r reads shards r, r + 2; each worker one of them
     with pytest.raises(DataError, match="4 shards cannot be split over 2 ranks x 4 workers"):
-        stream(dataset, tokenizer, dataclasses.replace(data, num_workers=4), world_size=2)
+        stream(dataset, tokenizer, data.model_copy(update={"num_workers": 4}), world_size=2)
 
 
 def test_resampled_mode_reads_every_shard_on_every_rank(dataset, tokenizer):
@@ -208,7 +207,7 @@ def test_remote_shards_stream(dataset, tokenizer):
     memory = fsspec.filesystem("memory")
     for path in dataset.glob("*.tar"):
         memory.pipe(f"/stream/{path.name}", path.read_bytes())
-    data = dataclasses.replace(section(dataset, text_ids=("raw",)), shards=("memory://stream",))
+    data = section(dataset, text_ids=("raw",), shards=("memory://stream",))
     local = take(stream(dataset, tokenizer, section(dataset, text_ids=("raw",))), 3)
     remote = take(stream(dataset, tokenizer, data), 3)
     assert all(same(a, b) for a, b in zip(local, remote))
