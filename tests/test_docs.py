@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("data_manifests", "caption_prompts", "pipeline", "train", "eval", "demo")
 FOLDERS = (*PACKAGES, "setup", "tests", "bench", "docs")
 SKIP_DIRS = {"build", "runs", "demo_out", "__pycache__"}  # outputs; hidden folders are skipped too
-SOURCE_SUFFIXES = {".py", ".yaml", ".yml", ".sh", ".toml", ".md"}
+SOURCE_SUFFIXES = {".py", ".yaml", ".yml", ".sh", ".toml", ".md", ".txt", ".json"}
 
 PATH = re.compile(
     r"(?<![\w./$~-])"  # not the tail of a longer path, a URL or a variable
