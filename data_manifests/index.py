@@ -7,10 +7,10 @@ Provenance cannot be known for texts found this way, and the manifest says so.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
+from .img2dataset import read_img2dataset_stats, stats_path, top_reasons
 from .manifest import MANIFEST_NAME, DatasetWriter, ManifestError, list_shard_files
 from .sample import RAW
 from .shard import ShardInfo, ShardReadError, ShardReader
@@ -18,21 +18,11 @@ from .textstats import TextStats
 
 
 def _img2dataset_stats(shard: Path) -> dict[str, Any]:
-    path = shard.with_name(f"{shard.stem}_stats.json")
-    if not path.exists():
-        return {}
+    path = stats_path(shard)
     try:
-        stats = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-    keep = ("count", "successes", "failed_to_download", "failed_to_resize")
-    out = {k: stats[k] for k in keep if k in stats}
-    status = stats.get("status_dict")
-    if isinstance(status, dict):
-        # img2dataset's messages can embed URLs: keep the 20 most frequent, not one per URL.
-        top = sorted(status.items(), key=lambda kv: -kv[1] if isinstance(kv[1], (int, float)) else 0)[:20]
-        out["status_dict"] = dict(top)
-    return {"img2dataset": out}
+        return {"img2dataset": read_img2dataset_stats(path)} if path.exists() else {}
+    except ValueError:
+        return {}  # a stats file is a nicety here: the shard itself is what gets indexed
 
 
 def index_dataset(root: str | Path, *, progress: bool = False, force: bool = False) -> DatasetWriter:
@@ -62,14 +52,15 @@ def index_dataset(root: str | Path, *, progress: bool = False, force: bool = Fal
             for sample in reader:
                 stats.add(sample)
         except ShardReadError as e:
-            writer.fail(name, e.reason)
+            writer.fail(name, e.reason, rerun_helps=False)
             problems.append(str(e))
             continue
         problems.extend(str(p) for p in reader.problems)
         text_ids.update(stats.raw)
         writer.commit(ShardInfo(name, reader.samples, reader.bytes, reader.sha256), stats,
-                      failed_samples=len(reader.problems),
+                      failed_samples=sum(reader.refused.values()),
                       extra={**_img2dataset_stats(root / name),
+                             **({"failures": top_reasons(reader.refused)} if reader.refused else {}),
                              **({"problems": [str(p) for p in reader.problems[:20]]} if reader.problems else {})})
     writer.set_texts({
         t: {"kind": "alt_text" if t == RAW else "unknown",

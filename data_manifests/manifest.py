@@ -16,7 +16,6 @@ manifest is ever seen half-written.
 
 from __future__ import annotations
 
-import datetime as _dt
 import json
 import os
 import time
@@ -25,7 +24,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .shard import ShardInfo, _fsync_dir, partial_name
+from .files import atomic_write_json, now_iso
+from .shard import ShardInfo
 from .textstats import TextStats
 
 FORMAT = "holiclip-dataset/1"
@@ -38,27 +38,6 @@ IN_PROGRESS, INCOMPLETE = "in_progress", "incomplete"
 
 class ManifestError(Exception):
     """A manifest that is missing, unreadable or inconsistent (the message names the file)."""
-
-
-def now_iso() -> str:
-    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-
-
-def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
-    """Write JSON aside, flush it to disk, then rename it over `path`."""
-    path = Path(path)
-    tmp = path.with_name(partial_name(path.name))
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(obj, f, indent=1, ensure_ascii=False, sort_keys=False)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
 
 
 def read_json(path: Path, what: str) -> Any:
@@ -81,6 +60,11 @@ class ShardEntry:
     completed: str | None = None
     failed_samples: int = 0  # samples of the input that could not be written (with reasons in info)
     info: dict[str, Any] = field(default_factory=dict)  # stage-specific: download stats, timings
+
+    @property
+    def rerun_helps(self) -> bool:
+        """Whether rerunning the job can finish this shard (see DatasetWriter.fail)."""
+        return self.status != COMPLETE and self.info.get("rerun_helps", True) is not False
 
     @classmethod
     def from_json(cls, d: dict[str, Any], where: str) -> "ShardEntry":
@@ -296,11 +280,16 @@ class DatasetWriter:
         """Forget what a previous run concluded about a shard that is about to be redone."""
         self.manifest.shards[name] = ShardEntry(name=name)
 
-    def fail(self, name: str, reason: str) -> None:
+    def fail(self, name: str, reason: str, *, rerun_helps: bool = True) -> None:
+        """Record a shard that could not be made. `rerun_helps=False` says that the same input
+        fails the same way (a file that cannot be read), so no one is told to rerun for it."""
         entry = self.manifest.shards.get(name) or ShardEntry(name=name)
         if entry.status != COMPLETE:
             entry.status = FAILED
-            entry.info = {**entry.info, "error": reason}
+            entry.info = {k: v for k, v in entry.info.items() if k != "rerun_helps"}
+            entry.info["error"] = reason
+            if not rerun_helps:
+                entry.info["rerun_helps"] = False
             self.manifest.shards[name] = entry
 
     def _rebuild_stats(self) -> None:

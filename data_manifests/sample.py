@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -29,6 +30,8 @@ KEY_RE = re.compile(r"^[A-Za-z0-9_-]{1,200}$")
 # "qwen2vl-7b/detail". "raw" is the alt-text of the source.
 TEXT_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*(/[A-Za-z0-9][A-Za-z0-9_.-]*)?$")
 RAW = "raw"
+MAX_JSON_DEPTH = 100  # deeper than any real record; Python's own JSON reader stops near 1000
+_BIG_INT = 10**4000  # Python refuses to print an int of more than 4300 digits
 
 
 class SampleFormatError(ValueError):
@@ -56,6 +59,38 @@ def sha256_hex(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def _text_problem(text: str) -> str | None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # only a lone surrogate: valid as a JSON escape ("\udcff"), not as text
+        return "holds a lone UTF-16 surrogate, which UTF-8 cannot store"
+    return None
+
+
+def _json_problem(value: Any, depth: int = 0) -> str | None:
+    """Why `value` cannot be written as JSON and read back equal, or None."""
+    if isinstance(value, str):
+        return _text_problem(value)
+    if value is None or isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return None if -_BIG_INT < value < _BIG_INT else "holds an integer too long for JSON readers"
+    if isinstance(value, float):
+        return None if math.isfinite(value) else "holds NaN or an infinity, which JSON cannot store"
+    if isinstance(value, (list, dict)) and depth >= MAX_JSON_DEPTH:
+        return f"is nested deeper than {MAX_JSON_DEPTH} levels"
+    if isinstance(value, list):
+        return next((p for v in value if (p := _json_problem(v, depth + 1))), None)
+    if isinstance(value, dict):
+        for k, v in value.items():
+            if not isinstance(k, str):
+                return f"has a key {k!r} that is not a string"
+            if problem := _text_problem(k) or _json_problem(v, depth + 1):
+                return problem
+        return None
+    return f"holds a {type(value).__name__}, which is not a JSON value"
+
+
 @dataclass
 class Sample:
     key: str
@@ -67,20 +102,39 @@ class Sample:
     source: dict[str, Any] = field(default_factory=dict)
 
     def validate(self) -> "Sample":
+        """Check that the sample can be written and read back equal; SampleFormatError names the field."""
         check_key(self.key)
         if self.image_ext not in IMAGE_EXTS:
             raise SampleFormatError(
                 f"sample {self.key}: image extension {self.image_ext!r} is not one of {IMAGE_EXTS}"
             )
+        for what, value in (("texts", self.texts), ("flags", self.flags), ("errors", self.errors),
+                            ("source", self.source)):
+            if not isinstance(value, dict):
+                raise SampleFormatError(f"sample {self.key}: {what!r} is not an object")
         for text_id, text in self.texts.items():
             check_text_id(text_id)
             if not isinstance(text, str):
                 raise SampleFormatError(f"sample {self.key}: text {text_id!r} is not a string")
+            if problem := _text_problem(text):
+                raise SampleFormatError(f"sample {self.key}: text {text_id!r} {problem}")
         for text_id, flags in self.flags.items():
             if text_id not in self.texts:
                 raise SampleFormatError(f"sample {self.key}: flags for missing text {text_id!r}")
             if not isinstance(flags, list) or not all(isinstance(f, str) for f in flags):
                 raise SampleFormatError(f"sample {self.key}: flags of {text_id!r} must be strings")
+            if problem := _json_problem(flags):
+                raise SampleFormatError(f"sample {self.key}: flags of {text_id!r} {problem}")
+        for text_id, error in self.errors.items():
+            if not isinstance(text_id, str) or not isinstance(error, str):
+                raise SampleFormatError(f"sample {self.key}: errors must map text ids to messages")
+            if problem := _text_problem(text_id) or _text_problem(error):
+                raise SampleFormatError(f"sample {self.key}: error of {text_id!r} {problem}")
+        for name, value in self.source.items():
+            if not isinstance(name, str):
+                raise SampleFormatError(f"sample {self.key}: source key {name!r} is not a string")
+            if problem := _text_problem(name) or _json_problem(value):
+                raise SampleFormatError(f"sample {self.key}: source field {name!r} {problem}")
         return self
 
     def to_json_bytes(self) -> bytes:
@@ -118,6 +172,8 @@ class Sample:
             raise SampleFormatError(f"sample {key}: .json is not UTF-8 ({e.reason})") from None
         except json.JSONDecodeError as e:
             raise SampleFormatError(f"sample {key}: .json is not valid JSON ({e.msg})") from None
+        except (ValueError, RecursionError):  # a number of over 4300 digits; nesting Python cannot follow
+            raise SampleFormatError(f"sample {key}: .json is not valid JSON (a number too long or nesting too deep)") from None
         if not isinstance(record, dict):
             raise SampleFormatError(f"sample {key}: .json is not an object")
         texts = record.get("texts")

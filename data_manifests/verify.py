@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from .files import PARTIAL_GLOB
 from .manifest import COMPLETE, Manifest, ManifestError, list_shard_files, load_manifest
 from .shard import ShardReadError, ShardReader
 from .textstats import TextStats
@@ -101,14 +102,15 @@ def verify_dataset(root: str | Path, *, workers: int = 4, decode_images: bool = 
     for name, entry in sorted(manifest.shards.items()):
         if entry.status != COMPLETE:
             why = entry.info.get("error")
-            report.problems.append(f"{name}: shard is {entry.status}" + (f" ({why})" if why else "") + "; rerun the job to finish it")
+            then = "rerun the job to finish it" if entry.rerun_helps else "a rerun cannot finish it: fix or remove its input"
+            report.problems.append(f"{name}: shard is {entry.status}" + (f" ({why})" if why else "") + f"; {then}")
         elif name not in files:
             report.problems.append(f"{name}: listed as complete but the file is missing")
         else:
             to_check.append(name)
     for name in sorted(files - set(manifest.shards)):
         report.problems.append(f"{name}: shard file is not in the manifest (extra)")
-    for p in sorted(root.glob(".*.partial-*")):
+    for p in sorted(root.glob(PARTIAL_GLOB)):
         report.warnings.append(f"{p.name}: leftover of an interrupted write (not part of the dataset; safe to delete)")
 
     recount = TextStats()
