@@ -80,8 +80,13 @@ def test_shipped_configs_validate():
             # Hub models are not in this machine's cache; a local dir stands in for validation.
             if not cap["model"].startswith(("..", "/")):
                 continue
+            # A local model named relative to the config must land in the repository's runs/.
+            assert Path(cap["model"]).is_absolute() or (path.parent / cap["model"]).resolve().is_relative_to(ROOT / "runs")
             cap["model"] = str(ROOT)
-        parse_config(data, str(path), base_dir=path.parent)
+        cfg = parse_config(data, str(path), base_dir=path.parent)
+        for key in ("input", "output"):
+            if not Path(data[key]).is_absolute():  # relative to the file: in the repository's runs/ too
+                assert getattr(cfg, key).is_relative_to(ROOT / "runs"), (path, key)
 
 
 def _prov(model_dir, cfg):
