@@ -9,18 +9,15 @@ RUN/results.jsonl, so the runs of an experiment (O2O, O2M, M2M ...) compare side
 
 from __future__ import annotations
 
-import datetime
 import json
 import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from data_manifests import atomic_write_json
+
 FORMAT = "holiclip-eval/1"
-
-
-def now_iso() -> str:
-    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
 
 def _pct(value: float | None) -> str:
@@ -113,7 +110,7 @@ def file_stem(record: dict[str, Any]) -> str:
 
 def write_json(record: dict[str, Any], path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(record, indent=1) + "\n")
+    atomic_write_json(path, record)  # a re-run rewrites it: never leave half of one
 
 
 def append_results(record: dict[str, Any], path: Path) -> None:
