@@ -54,6 +54,7 @@ from typing import Any
 
 import yaml
 
+from data_manifests import atomic_write_text
 from demo import scenes as sc
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -144,12 +145,6 @@ def serve(directory: Path, port: int) -> Iterator[str]:
         server.server_close()
 
 
-def atomic_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 # ----------------------------------------------------------------------------- stages
 
 
@@ -174,11 +169,9 @@ def stage_scenes(o: Options) -> dict[str, Any]:
         rows.append({"url": f"http://127.0.0.1:{port}/{name}", "caption": scene.alt_text, **scene.labels()})
     import pandas as pd
 
-    tmp = o.out / ".urls.csv.tmp"
-    pd.DataFrame(rows).to_csv(tmp, index=False)
-    os.replace(tmp, o.out / "urls.csv")
+    atomic_write_text(o.out / "urls.csv", pd.DataFrame(rows).to_csv(index=False))
     saved = {**spec, "port": port}
-    atomic_text(spec_path, json.dumps(saved, indent=1) + "\n")
+    atomic_write_text(spec_path, json.dumps(saved, indent=1) + "\n")
     say(f"scenes: drew {o.scenes} pictures of {o.image_size}x{o.image_size} px into {www}; URL list {o.out / 'urls.csv'}")
     return saved
 
@@ -247,7 +240,7 @@ def stage_caption(o: Options) -> None:
               f"#   python -m pipeline.caption --config {config}\n")
     if note:
         header += f"# NOTE: {note}\n"
-    atomic_text(config, header + yaml.safe_dump(job, sort_keys=False))
+    atomic_write_text(config, header + yaml.safe_dump(job, sort_keys=False))
     run_stage("caption", [PY, "-m", "pipeline.caption", "--config", config], o.out / "logs" / "caption.log",
               env={"HF_HUB_OFFLINE": "1", "VLLM_CACHE_ROOT": str(o.out / ".vllm_cache")})
 

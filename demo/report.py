@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from data_manifests import load_manifest
+from data_manifests import atomic_write_text, load_manifest
 from demo import scenes as sc
 
 
@@ -115,9 +115,7 @@ def write_report(out: Path, runs: list[str], run_info: dict[str, tuple], note: s
               "", "Compare the runs yourself: `python -m eval compare " + " ".join(str(out / "eval" / r) for r in runs) + "`",
               f"Look at the training curves: `tensorboard --logdir {out / 'runs'}`", ""]
     report = out / "report.md"
-    tmp = out / ".report.md.tmp"
-    tmp.write_text("\n".join(parts))
-    tmp.replace(report)
+    atomic_write_text(report, "\n".join(parts))
     return report
 
 

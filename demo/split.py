@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from data_manifests import COMPLETE, DatasetWriter, ShardReader, load_manifest, quality_flags
+from data_manifests import (COMPLETE, DatasetWriter, ShardReader, atomic_write_bytes, atomic_write_json,
+                            atomic_write_text, load_manifest, quality_flags)
 from demo import scenes as sc
 
 
@@ -89,13 +89,10 @@ def write_zeroshot_sets(test: Path, root: Path) -> int:
             for attribute in sc.ATTRIBUTES:
                 folder = root / attribute / str(sample.source[attribute])
                 folder.mkdir(parents=True, exist_ok=True)
-                target = folder / f"{sample.key}.{sample.image_ext}"
-                tmp = folder / f".{target.name}.tmp"
-                tmp.write_bytes(sample.image)
-                os.replace(tmp, target)
+                atomic_write_bytes(folder / f"{sample.key}.{sample.image_ext}", sample.image)
     for attribute in sc.ATTRIBUTES:
         classes = sorted(d.name for d in (root / attribute).iterdir() if d.is_dir())
-        (root / attribute / "classnames.txt").write_text("\n".join(classes) + "\n")
-        (root / attribute / "templates.txt").write_text("\n".join(sc.TEMPLATES[attribute]) + "\n")
-    done.write_text(json.dumps({"made_from": made_from, "images": n}) + "\n")
+        atomic_write_text(root / attribute / "classnames.txt", "\n".join(classes) + "\n")
+        atomic_write_text(root / attribute / "templates.txt", "\n".join(sc.TEMPLATES[attribute]) + "\n")
+    atomic_write_json(done, {"made_from": made_from, "images": n})  # last: it marks the sets complete
     return n
