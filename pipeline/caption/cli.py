@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import errno
 import sys
-from pathlib import Path
 
 from . import distributor
 from .config import ConfigError, load_config
@@ -41,12 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        cfg = load_config(args.config)
-        if args.input:
-            cfg.input = Path(args.input).resolve()
-        if args.output:
-            cfg.output = Path(args.output).resolve()
-        cfg.overwrite = sorted(set(cfg.overwrite) | set(args.overwrite))
+        cfg = load_config(args.config, input=args.input, output=args.output, overwrite=args.overwrite)
         job = CaptionJob(cfg, progress=not args.no_progress)
         plans = job.prepare()
     except (ConfigError, JobError) as e:
