@@ -21,6 +21,8 @@ from typing import Any
 
 import torch
 
+from data_manifests import atomic_write_text
+
 log = logging.getLogger(__name__)
 
 CLIENT_KEY = "holiclip"
@@ -78,10 +80,8 @@ def save(engine, checkpoint_dir: Path, step: int, state: dict[str, Any], keep_la
     engine.save_checkpoint(str(checkpoint_dir), tag=tag, client_state={CLIENT_KEY: state})
     dist.barrier()  # every rank's files are written
     if dist.get_rank() == 0:
-        (checkpoint_dir / tag / DONE).write_text(f"{tag}\n")
-        tmp = checkpoint_dir / f".{POINTER}.tmp"
-        tmp.write_text(tag)
-        tmp.replace(checkpoint_dir / POINTER)
+        atomic_write_text(checkpoint_dir / tag / DONE, f"{tag}\n")
+        atomic_write_text(checkpoint_dir / POINTER, tag)
         if keep_last:
             for old in list_tags(checkpoint_dir)[:-keep_last]:
                 shutil.rmtree(checkpoint_dir / old, ignore_errors=True)
