@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
 import json
 import shutil
 import sys
@@ -29,6 +28,8 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
+
+from data_manifests import atomic_write_json, now_iso
 
 from .model import HolisticCLIP, ModelConfig
 from .tokenizer import Tokenizer, load_tokenizer
@@ -110,10 +111,10 @@ def export_checkpoint(
                       "pad_token_id": model_config.pad_token_id},
         "preprocess": preprocess_spec(model_config.image_size),
         "training": training or {},
-        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "created": now_iso(),
         "software": {"torch": torch.__version__},
     }
-    (out / "config.json").write_text(json.dumps(meta, indent=1) + "\n")
+    atomic_write_json(out / "config.json", meta)  # last, and whole: a killed export leaves no half config
     return out
 
 
