@@ -109,21 +109,25 @@ def _walk(model: type[BaseModel], loc: tuple) -> tuple[str, Any, Any]:
             continue
         if _is_union(_bare(field)) and isinstance(part, str):
             continue  # pydantic names the member of a union it tried; the user wrote none
-        container, field = field, _member(field, part)
+        container, (part, field) = field, _member(field, part)
         path += f"[{part}]" if isinstance(part, int) else f".{part}" if path else str(part)
     return path, container, field
 
 
-def _member(tp: Any, part: str | int) -> Any:
+def _member(tp: Any, part: str | int) -> tuple[str | int, Any]:
+    """The name the user writes for `part` of `tp` (a field's alias: a flag, say), and its type."""
     tp = _bare(tp)
     if isinstance(tp, type) and issubclass(tp, BaseModel):
-        return next((f.annotation for name, f in tp.model_fields.items() if part in (name, f.alias)), None)
+        for name, f in tp.model_fields.items():
+            if part in (name, f.alias):
+                return f.alias or name, f.annotation
+        return part, None
     origin, args = typing.get_origin(tp), typing.get_args(tp)
     if origin in (list, tuple) and args:
-        return args[0]
+        return part, args[0]
     if origin is dict and args:
-        return args[1]
-    return None
+        return part, args[1]
+    return part, None
 
 
 def _bare(tp: Any) -> Any:
@@ -169,7 +173,8 @@ def _what(e: dict[str, Any], container: Any, field: Any) -> str:
             bound = int(bound)  # "at least 1", not "at least 1.0", for a float field too
         return f"must be {words}{bound}{or_null}, got {got}"
     if kind == "too_short":
-        return f"must have at least {ctx['min_length']} item(s), got {got}"
+        n = ctx["min_length"]
+        return "must not be empty" if n == 1 else f"must have at least {n} items, got {got}"
     if kind in _EXPECTED:
         return f"expected {_EXPECTED[kind]}{or_null}, got {got}"
     return f"{e['msg']}, got {got}"

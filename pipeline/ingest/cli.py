@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from data_manifests import ManifestError
+from data_manifests.config import validate
 
 from .config import ENCODE_FORMATS, RESIZE_MODES, DownloadConfig, ImportConfig, IngestError
 from .downloader import DownloadRun
@@ -123,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
             if args.out is None:
                 raise IngestError("--urls needs --out DIR (where the shards and the manifest go)")
             _set_environment(args.max_image_area)
-            cfg = DownloadConfig(
+            cfg = validate(DownloadConfig, dict(
                 urls=args.urls, out=args.out, url_col=args.url_col,
                 caption_col="caption" if args.caption_col is None else (args.caption_col or None),
                 keep_columns=_split(args.keep_columns), input_format=args.input_format,
@@ -132,10 +133,11 @@ def main(argv: list[str] | None = None) -> int:
                 max_image_area=args.max_image_area, allow_any_scheme=args.allow_any_scheme,
                 processes=args.processes, threads=args.threads, timeout=args.timeout, retries=args.retries,
                 distributor=args.distributor, convert_workers=args.convert_workers, progress=progress,
-                crash_at=crash_at)
+                crash_at=crash_at), error=IngestError)
             return DownloadRun(cfg).run()
-        icfg = ImportConfig(caption_keys=_split(args.caption_col) if args.caption_col else None,
-                            shard_size=args.shard_size, max_image_area=args.max_image_area, progress=progress)
+        icfg = validate(ImportConfig, dict(caption_keys=_split(args.caption_col) if args.caption_col else None,
+                                           shard_size=args.shard_size, max_image_area=args.max_image_area,
+                                           progress=progress), error=IngestError)
         if args.from_webdataset is not None:
             return import_webdataset(args.from_webdataset, args.out, icfg)
         if args.out is None:
