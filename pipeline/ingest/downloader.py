@@ -89,7 +89,7 @@ class DownloadRun:
     """One run of `--urls`: prepare the list, download with img2dataset while converting, record."""
 
     def __init__(self, cfg: DownloadConfig):
-        self.cfg = cfg.validate()
+        self.cfg = cfg
         self.out = cfg.out
         self.work = cfg.out / STAGING
         self.state_path = self.work / "state.json"
