@@ -363,7 +363,7 @@ BAD_LISTS = {
     "no such file": (None, None, [], r"no such file"),
     "reserved kept column": ("list.csv", "url,caption,status\nhttp://127.0.0.1/a.jpg,a,x\n", ["--keep-columns", "status"],
                              r"--keep-columns: status"),
-    "bad option value": ("list.csv", "url,caption\nhttp://127.0.0.1/a.jpg,a\n", ["--shard-size", "0"], r"--shard-size must be"),
+    "bad option value": ("list.csv", "url,caption\nhttp://127.0.0.1/a.jpg,a\n", ["--shard-size", "0"], r"--shard-size: must be at least 1, got 0"),
 }
 
 
