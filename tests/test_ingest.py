@@ -490,12 +490,15 @@ def test_generic_webdataset_is_converted_with_failures_recorded(tmp_path):
     out = tmp_path / "out"
     assert main(["--from-webdataset", str(src), "--out", str(out), "--caption-col", "caption", "--no-progress"]) == 0
     m = load_manifest(out)
-    assert m.status == COMPLETE and m.num_samples == 4
+    assert m.status == COMPLETE and m.num_samples == 5
     failures = m.run["ingest"]["failures"]
-    assert failures.pop("unsupported image format .gif (shards hold jpg, png or webp)") == 1
     assert len(failures) == 1 and next(iter(failures)).startswith("image does not decode (") and sum(failures.values()) == 1
     samples = {s.texts["raw"]: s for n in m.shards for s in ShardReader(out / n)}
-    assert set(samples) == {"first caption", "second", "odd key", "png bytes named jpg"}
+    assert set(samples) == {"first caption", "second", "a gif", "odd key", "png bytes named jpg"}
+    # A GIF is stored as PNG (as img2dataset re-encodes what it downloads), its format recorded.
+    gif = samples["a gif"]
+    assert gif.image_ext == "png" and Image.open(io.BytesIO(gif.image)).format == "PNG"
+    assert gif.source["original_format"] == "GIF" and gif.source["original_sha256"] == hashlib.sha256(_img("GIF")).hexdigest()
     assert samples["second"].source["license"] == "cc-by"
     assert samples["odd key"].source["original_key"] == "odd key" and re.fullmatch(r"[A-Za-z0-9_-]+", samples["odd key"].key)
     assert samples["png bytes named jpg"].image_ext == "png"  # bytes kept, extension corrected
@@ -519,10 +522,12 @@ def test_folder_with_sidecar_captions_is_imported_and_resumable(tmp_path):
     args = ["--from-folder", str(src), "--out", str(out), "--shard-size", "2", "--no-progress"]
     assert main(args) == 0
     m = load_manifest(out)
-    assert m.status == COMPLETE and m.num_samples == 4 and len(m.shards) == 3
-    assert m.run["ingest"]["counts"] == {"samples": 4, "failed": 2}
+    assert m.status == COMPLETE and m.num_samples == 5 and len(m.shards) == 3
+    assert m.run["ingest"]["counts"] == {"samples": 5, "failed": 1}
     by_path = {s.source["path"]: s for n in sorted(m.shards) for s in ShardReader(out / n)}
-    assert set(by_path) == {"a/1.jpg", "a/b/2.png", "3.webp", "4.jpeg"}
+    assert set(by_path) == {"a/1.jpg", "a/b/2.png", "3.webp", "4.jpeg", "anim.gif"}
+    assert by_path["anim.gif"].image_ext == "png" and by_path["anim.gif"].source["original_format"] == "GIF"
+    assert by_path["a/1.jpg"].image == (src / "a" / "1.jpg").read_bytes()  # jpg/png/webp bytes never re-encoded
     assert by_path["a/1.jpg"].texts == {"raw": "one from txt"}  # the file's final newline is not part of it
     assert by_path["a/b/2.png"].texts == {"raw": "two from json"} and by_path["a/b/2.png"].source["photographer"] == "x"
     assert by_path["3.webp"].texts == {} and by_path["3.webp"].image_ext == "webp"

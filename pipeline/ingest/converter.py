@@ -12,7 +12,11 @@ What changes on the way (docs/data-format.md):
   resizing; that value is kept as `original_sha256` when it differs;
 - samples are written in key order. img2dataset writes them in the order downloads finish, so
   this is what makes a resumed run's shards byte-identical to an uninterrupted run's.
-Image bytes are never re-encoded.
+JPEG, PNG and WebP bytes are never re-encoded. Other formats (GIF, BMP, TIFF, PPM, AVIF), which
+the URL ingest gets re-encoded by img2dataset, are decoded here (a GIF's first frame) and stored
+as lossless PNG, with `source.original_format` and the input's `original_sha256`.
+A sample that cannot be written is refused and counted with its reason, never dropped silently;
+that includes the tar reader's refusals (unsafe or repeated member names).
 """
 
 from __future__ import annotations
@@ -21,21 +25,21 @@ import io
 import json
 import math
 import re
-import tarfile
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any
 
-from data_manifests import RAW, Sample, SampleFormatError, ShardInfo, ShardReadError, ShardWriter, TextStats, sha256_hex
+from data_manifests import (RAW, Problem, Sample, SampleFormatError, ShardInfo, ShardWriter, TarReader, TextStats,
+                            read_img2dataset_stats, readable_name, sha256_hex, top_reasons)
 from data_manifests.sample import KEY_RE
 
-TAR_END_BYTES = 1024
-IMAGE_MEMBERS = {"jpg": "jpg", "jpeg": "jpg", "png": "png", "webp": "webp"}
+IMAGE_MEMBERS = {"jpg": "jpg", "jpeg": "jpg", "png": "png", "webp": "webp"}  # stored as they are
 PIL_FORMATS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
-OTHER_IMAGE_MEMBERS = ("gif", "bmp", "tif", "tiff", "ppm", "avif", "heic")
-MAX_REASONS = 50  # distinct failure reasons kept per shard (img2dataset's own errors can include URLs)
+# Stored as PNG. HEIC is listed so that such files are counted with a reason: PIL has no decoder for it here.
+CONVERTED_IMAGE_MEMBERS = ("gif", "bmp", "tif", "tiff", "ppm", "avif", "heic")
+PNG_MODES = ("1", "L", "LA", "I", "I;16", "P", "RGB", "RGBA")  # what PIL writes to PNG without a conversion
 
 
 class SampleRejected(Exception):
@@ -74,80 +78,10 @@ def reason_of(message: str | None) -> str:
     return message.strip().splitlines()[0][:200] if message.strip() else "unknown error"
 
 
-def top_reasons(counts: dict[str, int] | Counter, limit: int = MAX_REASONS) -> dict[str, int]:
-    counts = Counter(counts)
-    kept = dict(counts.most_common(limit))
-    rest = sum(counts.values()) - sum(kept.values())
-    if rest:
-        kept["(other reasons)"] = rest
-    return kept
-
-
-def read_img2dataset_stats(path: Path) -> dict[str, Any]:
-    """img2dataset's `<shard>_stats.json`, reduced to what a manifest entry keeps. Raises ValueError."""
-    stats = json.loads(path.read_text())
-    if not isinstance(stats, dict) or "count" not in stats or "successes" not in stats:
-        raise ValueError(f"{path}: not an img2dataset stats file")
-    keep = {k: stats[k] for k in ("count", "successes", "failed_to_download", "failed_to_resize") if k in stats}
-    if "duration" in stats:
-        keep["duration_s"] = round(float(stats["duration"]), 3)
-    keep["status_dict"] = top_reasons(stats.get("status_dict") or {})
-    return keep
-
-
-# --- reading --------------------------------------------------------------------------------
-def _member_key(name: str) -> tuple[str, str] | None:
-    """(key, extension) of a member, or None for a name that could escape the shard."""
-    path = PurePosixPath(name)
-    if path.is_absolute() or ".." in path.parts or "\\" in name:
-        return None
-    base = path.name
-    key, _, ext = base.partition(".")  # WebDataset splits at the first dot
-    return key, ext.lower()
-
-
-def read_groups(path: Path, problems: list[str]) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """The members of a shard grouped by key, in key order. Raises ShardReadError for a bad tar.
-
-    The tar is indexed first (headers only: tarfile seeks over the data), then each group is
-    read by offset, so memory holds one sample and the index, never the shard.
-    """
-    name = path.name
-    try:
-        tar = tarfile.open(path, "r:")
-    except (tarfile.TarError, OSError) as e:
-        raise ShardReadError(name, f"not a readable tar file ({e})") from None
-    with tar:
-        groups: dict[str, dict[str, tarfile.TarInfo]] = {}
-        try:
-            for info in tar:
-                if not info.isfile():
-                    continue
-                parsed = _member_key(info.name)
-                if parsed is None:
-                    problems.append(f"{name}: member {info.name!r} has an unsafe path; skipped")
-                    continue
-                key, ext = parsed
-                members = groups.setdefault(key, {})
-                if ext in members:
-                    problems.append(f"{name}: member {info.name!r} appears twice; kept the first")
-                    continue
-                members[ext] = info
-            size = path.stat().st_size
-        except (tarfile.TarError, EOFError, OSError) as e:
-            raise ShardReadError(name, f"truncated or corrupt tar ({e})") from None
-        if size - tar.offset < TAR_END_BYTES:
-            raise ShardReadError(name, "truncated tar (no end-of-archive marker)")
-        for key in sorted(groups):
-            try:
-                yield key, {ext: tar.extractfile(info).read() for ext, info in groups[key].items()}  # type: ignore[union-attr]
-            except (tarfile.TarError, EOFError, OSError) as e:
-                raise ShardReadError(name, f"truncated or corrupt tar ({e})") from None
-
-
 # --- one sample -----------------------------------------------------------------------------
-def describe_image(data: bytes, max_image_area: float) -> tuple[str, int, int]:
-    """(extension, width, height) of image bytes, decoding them fully. Raises SampleRejected."""
+def describe_image(data: bytes, max_image_area: float, member: str) -> tuple[str, int, int]:
+    """(PIL's format name, width, height) of the image bytes of member `.member`, decoding them
+    fully. Raises SampleRejected."""
     from PIL import Image
 
     try:
@@ -156,20 +90,34 @@ def describe_image(data: bytes, max_image_area: float) -> tuple[str, int, int]:
             fmt = im.format
             if width * height > max_image_area:
                 raise SampleRejected("image area too large")
-            if fmt not in PIL_FORMATS:
-                raise SampleRejected(f"unsupported image format {fmt} (shards hold jpg, png or webp)")
             im.load()
     except SampleRejected:
         raise
     except Image.DecompressionBombError:
         raise SampleRejected("image area too large") from None
     except Image.UnidentifiedImageError:
+        if f".{member}" not in Image.registered_extensions():
+            raise SampleRejected(f"image format .{member} cannot be decoded here") from None
         raise SampleRejected("not an image (format not recognized)") from None
     except Exception as e:  # PIL raises many kinds for bad data
         # Numbers (byte counts, addresses) vary per file; without them reasons stay countable.
         detail = re.sub(r"0x[0-9a-fA-F]+|\d+", "N", str(e).splitlines()[0] if str(e) else "")[:80]
         raise SampleRejected(f"image does not decode ({type(e).__name__}: {detail})") from None
-    return PIL_FORMATS[fmt], width, height
+    return fmt or "unknown", width, height
+
+
+def to_png(data: bytes) -> bytes:
+    """An image (its first frame) as PNG: lossless for the pixel modes PNG stores, which are the
+    usual ones; others (CMYK, YCbCr, floats) are converted to RGB(A) first."""
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as im:
+        if im.mode not in PNG_MODES:
+            has_alpha = "A" in im.getbands() or "transparency" in im.info
+            im = im.convert("RGBA" if has_alpha else "RGB")
+        out = io.BytesIO()
+        im.save(out, "PNG")
+    return out.getvalue()
 
 
 def _caption(members: dict[str, bytes], meta: dict[str, Any], keys: tuple[str, ...]) -> tuple[str | None, str | None]:
@@ -188,20 +136,19 @@ def _caption(members: dict[str, bytes], meta: dict[str, Any], keys: tuple[str, .
 
 def to_sample(key: str, members: dict[str, bytes], options: ConvertOptions) -> Sample:
     """One group of tar members as a project sample. Raises SampleRejected with the reason."""
-    images = [ext for ext in members if ext in IMAGE_MEMBERS]
+    images = [ext for ext in members if ext in IMAGE_MEMBERS or ext in CONVERTED_IMAGE_MEMBERS]
     if not images:
-        other = [ext for ext in members if ext in OTHER_IMAGE_MEMBERS]
-        raise SampleRejected(f"unsupported image format .{other[0]} (shards hold jpg, png or webp)" if other
-                             else "no image member")
+        raise SampleRejected("no image member")
     if len(images) > 1:
         raise SampleRejected(f"several image members ({', '.join(sorted(images))})")
-    image = members[images[0]]
-    ext = IMAGE_MEMBERS[images[0]]
+    member = images[0]
+    image = members[member]
+    ext = IMAGE_MEMBERS.get(member, "png")  # a converted image is stored as PNG
     meta: dict[str, Any] = {}
     if "json" in members:
         try:
             meta = json.loads(members["json"].decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError):
+        except (ValueError, RecursionError):  # not UTF-8, not JSON, or beyond what Python parses
             raise SampleRejected("its .json is not valid UTF-8 JSON") from None
         if not isinstance(meta, dict):
             raise SampleRejected("its .json is not an object")
@@ -218,17 +165,21 @@ def to_sample(key: str, members: dict[str, bytes], options: ConvertOptions) -> S
         texts = {RAW: caption} if caption is not None else {}
         source = {k: v for k, v in meta.items() if v is not None and k not in ("key", "caption", used)}
         sample = Sample(key=key, image=image, image_ext=ext, texts=texts, source=source)
-    if options.check_images:
-        ext, width, height = describe_image(image, options.max_image_area)
-        sample.image_ext = ext
-        sample.source["width"], sample.source["height"] = width, height
-    elif not (isinstance(sample.source.get("width"), int) and isinstance(sample.source.get("height"), int)):
-        ext, width, height = describe_image(image, options.max_image_area)
-        sample.source["width"], sample.source["height"] = width, height
-    digest = sha256_hex(image)
-    downloaded = sample.source.get("sha256")
-    if downloaded and downloaded != digest:
-        sample.source["original_sha256"] = downloaded
+    has_size = isinstance(sample.source.get("width"), int) and isinstance(sample.source.get("height"), int)
+    converted = False
+    if options.check_images or member not in IMAGE_MEMBERS or not has_size:
+        fmt, width, height = describe_image(image, options.max_image_area, member)
+        if fmt not in PIL_FORMATS:
+            sample.image, sample.image_ext, converted = to_png(image), "png", True
+            sample.source["original_format"] = fmt
+        elif options.check_images:
+            sample.image_ext = PIL_FORMATS[fmt]  # the bytes decide, not the member's extension
+        if options.check_images or not has_size:
+            sample.source["width"], sample.source["height"] = width, height
+    digest = sha256_hex(sample.image)
+    before = sample.source.get("sha256") or (sha256_hex(image) if converted else None)
+    if before and before != digest:
+        sample.source["original_sha256"] = before
     sample.source["sha256"] = digest
     return sample
 
@@ -249,18 +200,19 @@ def convert_shard(src: Path, dst: Path, options: ConvertOptions = ConvertOptions
     """
     src, dst = Path(src), Path(dst)
     downloaded = read_img2dataset_stats(img2dataset_stats) if img2dataset_stats else None
-    problems: list[str] = []
+    problems: list[Problem] = []
     failures: Counter = Counter()
     stats = TextStats()
     keys: set[str] = set()
+    reader = TarReader(src)
     with ShardWriter(dst) as writer:
-        for index, (key, members) in enumerate(read_groups(src, problems)):
+        # In key order: img2dataset writes samples in the order downloads finish.
+        for index, (key, members) in enumerate(reader.by_key()):
+            name = key if KEY_RE.match(key) else f"{_safe_stem(dst.name)}_{index:06d}"
             try:
-                if not KEY_RE.match(key):
-                    sample = to_sample(f"{_safe_stem(dst.name)}_{index:06d}", members, options)
-                    sample.source["original_key"] = key
-                else:
-                    sample = to_sample(key, members, options)
+                sample = to_sample(name, members, options)
+                if name != key:
+                    sample.source["original_key"] = readable_name(key)
                 if sample.key in keys:
                     raise SampleRejected("key appears twice in the shard")
                 keys.add(sample.key)
@@ -268,12 +220,15 @@ def convert_shard(src: Path, dst: Path, options: ConvertOptions = ConvertOptions
                 if on_sample is not None:
                     on_sample(len(keys))
             except (SampleRejected, SampleFormatError) as e:
-                failures[str(e)] += 1
+                reason = str(e).removeprefix(f"sample {name}: ")
+                failures[reason] += 1
                 if len(problems) < 20:
-                    problems.append(f"{src.name} sample {key}: {e}")
+                    problems.append(Problem(src.name, key, reason))
                 continue
             stats.add(sample)
         info = writer.close()
+    failures.update(reader.refused)
+    problems = reader.problems + problems  # the tar's problems are all found before the first sample
     extra: dict[str, Any] = {}
     failed = sum(failures.values())
     if downloaded is not None:
@@ -282,5 +237,5 @@ def convert_shard(src: Path, dst: Path, options: ConvertOptions = ConvertOptions
     if failures:
         extra["failures"] = top_reasons(failures)
     if problems:
-        extra["problems"] = problems[:20]
+        extra["problems"] = [str(p) for p in problems[:20]]
     return ConvertedShard(info=info, stats=stats, failed_samples=failed, extra=extra)

@@ -9,11 +9,17 @@
     with an image and a caption per sample) is converted into --out by converter.py, every
     image decoded once. Such shards are never rewritten in place: that would destroy the input.
 `--from-folder DIR`
-  images (.jpg .jpeg .png .webp) with a sidecar `<name>.txt` or `<name>.json` caption, walked in
-  sorted order, packed into shards of --shard-size; `source.path` says where each came from.
+  images with a sidecar `<name>.txt` or `<name>.json` caption, walked in sorted order, packed
+  into shards of --shard-size; `source.path` says where each came from. JPEG, PNG and WebP files
+  are stored as they are; GIF (first frame), BMP, TIFF, PPM and AVIF are stored as lossless PNG,
+  as the URL ingest converts them (converter.py).
 
 Both are resumable per shard like a download: a rerun skips the shards already recorded, and
-refuses to continue if the input changed in between (its listing is fingerprinted).
+refuses to continue if the input changed in between (its listing is fingerprinted). A sample
+that cannot be imported is counted with its reason in its shard's entry. An input shard that
+cannot be read (empty, not a tar, truncated) fails its shard with a message naming the file;
+the others are imported and the exit status is 1, but a rerun cannot finish such a shard, and
+the summary says to fix or remove the file instead.
 """
 
 from __future__ import annotations
@@ -22,18 +28,18 @@ import hashlib
 import math
 import os
 import shutil
-import tarfile
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from data_manifests import (COMPLETE, RAW, ShardInfo, ShardReadError, ShardReader, ShardWriter, TextStats,
-                            list_shard_files, sha256_hex)
+from data_manifests import (COMPLETE, RAW, SampleFormatError, ShardInfo, ShardReadError, ShardReader,
+                            ShardWriter, TarReader, TextStats, list_shard_files, partial_path, publish,
+                            read_img2dataset_stats, readable_name, sha256_hex, stats_path, top_reasons)
 
 from .config import ImportConfig, IngestError
-from .converter import (IMAGE_MEMBERS, OTHER_IMAGE_MEMBERS, ConvertOptions, SampleRejected, convert_shard,
-                        read_img2dataset_stats, to_sample, top_reasons)
+from .converter import (CONVERTED_IMAGE_MEMBERS, IMAGE_MEMBERS, ConvertOptions, SampleRejected, convert_shard,
+                        to_sample)
 from .output import hold_lock, open_writer, remove_leftovers, report
 
 OUR_MEMBERS = {"jpg", "png", "webp", "json"}
@@ -110,13 +116,14 @@ def _finish(writer, out: Path, run: dict[str, Any], text_sources: TextStats, sou
 def layout_problem(path: Path) -> str | None:
     """Why a shard's members are not the project's layout (headers only), or None if they are."""
     exts: set[str] = set()
+    reader = TarReader(path, read=lambda ext: False)
     try:
-        with tarfile.open(path, "r:") as tar:
-            for info in tar:
-                if info.isfile():
-                    exts.add(info.name.rsplit("/", 1)[-1].partition(".")[2].lower())
-    except (tarfile.TarError, OSError) as e:
-        return f"not a readable tar file ({e})"
+        for _, members in reader.by_key():
+            exts.update(members)
+    except ShardReadError as e:
+        return e.reason
+    if reader.problems:  # a sample the tar reader refuses would not be in the indexed shard
+        return str(reader.problems[0])
     extra = sorted(exts - OUR_MEMBERS)
     if extra:
         return "members " + ", ".join(f".{e}" for e in extra) + " are not part of the project's format"
@@ -146,23 +153,29 @@ def index_conforming(path: Path) -> tuple[ShardInfo, TextStats, str | None]:
 
 
 def _img2dataset_extra(path: Path) -> dict[str, Any]:
-    stats = path.with_name(f"{path.stem}_stats.json")
+    stats = stats_path(path)
     try:
         return {"img2dataset": read_img2dataset_stats(stats)} if stats.exists() else {}
-    except (OSError, ValueError):
+    except ValueError:
         return {}
 
 
 def _link_or_copy(src: Path, dst: Path) -> str:
-    tmp = dst.with_name(f".{dst.name}.partial-link")
-    tmp.unlink(missing_ok=True)
+    """Publish `src` as `dst` through a partial file: a hard link (no copy), else a copy."""
+    partial = partial_path(dst)
     try:
-        os.link(src, tmp)
-        how = "hard-linked"
-    except OSError:
-        shutil.copyfile(src, tmp)
-        how = "copied"
-    os.replace(tmp, dst)
+        try:
+            os.link(src, partial)
+            how = "hard-linked"
+        except OSError:  # another file system
+            shutil.copyfile(src, partial)
+            with open(partial, "rb") as f:
+                os.fsync(f.fileno())
+            how = "copied"
+        publish(partial, dst)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
     return how
 
 
@@ -207,14 +220,14 @@ def import_webdataset(src: Path, out: Path | None, cfg: ImportConfig) -> int:
                     writer.commit(info, stats, extra={**extra, "imported": how})
                     continue
                 if in_place:
-                    writer.fail(name, f"not in the project's format ({why}); import it with --out NEWDIR")
+                    writer.fail(name, f"not in the project's format ({why}); import it with --out NEWDIR",
+                                rerun_helps=False)
                     continue
-            stats_path = shard.with_name(f"{shard.stem}_stats.json")
             try:
                 result = convert_shard(shard, out / name, _convert_options(cfg),
-                                       img2dataset_stats=stats_path if extra else None)
+                                       img2dataset_stats=stats_path(shard) if extra else None)
             except ShardReadError as e:
-                writer.fail(name, f"{src / name}: {e.reason}")
+                writer.fail(name, f"{src / name}: {e.reason}", rerun_helps=False)
                 continue
             how_counts["converted"] += 1
             writer.commit(result.info, result.stats, failed_samples=result.failed_samples,
@@ -244,7 +257,7 @@ def walk_images(root: Path, skip: Path | None) -> Iterator[tuple[Path, set[str]]
         if entry.is_dir(follow_symlinks=False):
             if skip is None or path.resolve() != skip:
                 yield from walk_images(path, skip)
-        elif path.suffix.lower().lstrip(".") in (*IMAGE_MEMBERS, *OTHER_IMAGE_MEMBERS):
+        elif path.suffix.lower().lstrip(".") in (*IMAGE_MEMBERS, *CONVERTED_IMAGE_MEMBERS):
             yield path, names
 
 
@@ -275,7 +288,8 @@ def import_folder(src: Path, out: Path, cfg: ImportConfig) -> int:
 
     total, fingerprint = _fingerprint(listing())  # first pass: names only
     if total == 0:
-        raise IngestError(f"--from-folder {src}: no images (.jpg .jpeg .png .webp) found")
+        raise IngestError(f"--from-folder {src}: no images found (" +
+                          " ".join(f".{e}" for e in (*IMAGE_MEMBERS, *CONVERTED_IMAGE_MEMBERS)) + ")")
     shards = math.ceil(total / cfg.shard_size)
     digits = max(5, len(str(shards - 1)))
     key_digits = max(9, len(str(total - 1)))
@@ -296,24 +310,27 @@ def import_folder(src: Path, out: Path, cfg: ImportConfig) -> int:
                 bar.update()
                 continue
             failures: Counter = Counter()
+            problems: list[str] = []
             stats = TextStats()
             with ShardWriter(out / name) as shard:
                 for _ in range(count):
                     i, (path, dir_names) = next(items)
-                    rel = str(path.relative_to(src))
+                    key = f"{i:0{key_digits}d}"
+                    rel = readable_name(str(path.relative_to(src)))  # a file name need not be UTF-8
                     try:
-                        sample = to_sample(f"{i:0{key_digits}d}", _folder_members(path, dir_names), options)
-                    except SampleRejected as e:
-                        failures[str(e)] += 1
+                        sample = to_sample(key, _folder_members(path, dir_names), options)
+                        sample.source["path"] = rel
+                        shard.write(sample)
+                    except (SampleRejected, SampleFormatError, OSError) as e:
+                        reason = (f"cannot read the file ({e.strerror or e})" if isinstance(e, OSError)
+                                  else str(e).removeprefix(f"sample {key}: "))
+                        failures[reason] += 1
+                        if len(problems) < 20:
+                            problems.append(f"{rel}: {reason}")
                         continue
-                    except OSError as e:
-                        failures[f"cannot read the file ({e.strerror})"] += 1
-                        continue
-                    sample.source["path"] = rel
-                    shard.write(sample)
                     stats.add(sample)
                 info = shard.close()
-            extra = {"failures": top_reasons(failures)} if failures else {}
+            extra = {"failures": top_reasons(failures), "problems": problems} if failures else {}
             writer.commit(info, stats, failed_samples=sum(failures.values()), extra=extra)
             bar.update()
         bar.close()

@@ -7,7 +7,7 @@ import fcntl
 from pathlib import Path
 from typing import Any
 
-from data_manifests import COMPLETE, DatasetWriter
+from data_manifests import COMPLETE, PARTIAL_GLOB, DatasetWriter
 
 from .config import IngestError
 
@@ -31,7 +31,7 @@ def remove_leftovers(out: Path) -> None:
     """Half-written files of a killed run (`.<name>.partial-*`); safe while we hold the lock."""
     for d in (out, out / "_shards"):
         if d.is_dir():
-            for p in d.glob(".*.partial-*"):
+            for p in d.glob(PARTIAL_GLOB):
                 p.unlink(missing_ok=True)
 
 
@@ -44,15 +44,20 @@ def open_writer(out: Path, stage: str) -> DatasetWriter:
 
 
 def report(out: Path, manifest, run_info: dict[str, Any]) -> None:
+    """The end-of-run summary; "rerun" only where a rerun can finish what is left."""
     counts = manifest.counts()
     print(f"{out}: {manifest.status}, {counts['samples']} samples in {counts['shards']} shards")
     if run_info.get("summary"):
         print(f"  {run_info['summary']}")
     for reason, n in list(run_info.get("failures", {}).items())[:10]:
         print(f"  {n:8d}  {reason}")
-    if manifest.status != COMPLETE:
-        for name, entry in sorted(manifest.shards.items()):
-            if entry.status != COMPLETE:
-                print(f"  {name}: {entry.status} ({entry.info.get('error', '')})")
+    unfinished = [e for _, e in sorted(manifest.shards.items()) if e.status != COMPLETE]
+    for entry in unfinished:
+        print(f"  {entry.name}: {entry.status} ({entry.info.get('error', '')})")
+    if any(e.rerun_helps for e in unfinished):
         print("  rerun the same command to finish")
+    stuck = sum(not e.rerun_helps for e in unfinished)
+    if stuck:
+        print(f"  {stuck} shard(s) above cannot be finished by a rerun: their input cannot be read as it is. "
+              "Fix or remove the files named there, then import again into a new --out directory")
 
