@@ -55,12 +55,30 @@ def base(images, tmp_path, model_dir, **cap):
      r"text id 'detail' would be made by both 'tiny' and 'b'"),
     (lambda d: d.update(overwrite=["nope"]), r"overwrite: 'nope' is not a text id this config makes"),
     (lambda d: d.update(output=d["input"]), r"output: must differ from input"),
+    (lambda d: d["captioners"][0].update(resources={"num_gpu": 1}),
+     r"^job\.yaml: captioners\[0\]\.resources\.num_gpu: unknown key \(known here: num_cpus, num_gpus, custom\) "
+     r"\(did you mean 'num_gpus'\?\)$"),
+    (lambda d: d["captioners"][0].update(engine={"max_modle_len": 4}), r"\(did you mean 'max_model_len'\?\)$"),
+    (lambda d: d["captioners"][0].update(sampling={"seed": "0"}), r"captioners\[0\]\.sampling\.seed: expected a number, got '0'"),
+    (lambda d: d["captioners"][0].update(scheduling="packed"),
+     r"captioners\[0\]\.scheduling: must be one of \['spread', 'pack'\], got 'packed'"),
 ])
 def test_config_errors_name_the_key(images, tmp_path, model_dir, mutate, message):
     data = base(images, tmp_path, model_dir)
     mutate(data)
     with pytest.raises(ConfigError, match=message):
         parse_config(data, "job.yaml")
+
+
+def test_command_line_overrides_are_checked_with_the_config(images, tmp_path, model_dir):
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(base(images, tmp_path, model_dir)))
+    with pytest.raises(ConfigError, match=r"output: must differ from input"):
+        load_config(path, check_engine_args=False, output=str(images))
+    with pytest.raises(ConfigError, match=r"overwrite: 'nope' is not a text id this config makes"):
+        load_config(path, check_engine_args=False, overwrite=["nope"])
+    cfg = load_config(path, check_engine_args=False, output=str(tmp_path / "elsewhere"), overwrite=["style"])
+    assert cfg.output == tmp_path / "elsewhere" and cfg.overwrite == ["style"]
 
 
 def test_text_ids_by_captioner_count(images, tmp_path, model_dir):

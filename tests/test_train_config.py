@@ -86,6 +86,13 @@ def test_defaults_and_overrides(tmp_path):
     (with_changes("model", branch="none"), [], "loss.mode: 'm2m' needs model.branch 'cls' or 'mlp'"),
     (with_changes("model", branch="none", num_branches=3), [], "model.num_branches: must be 1"),
     (MINIMAL, ["train.steps"], "override 'train.steps' must look like section.key=value"),
+    (with_changes("model", brnch="cls"), [], "model.brnch: unknown key (known here: config, branch, num_branches, "
+                                             "mlp_branch_layers, tokenizer) (did you mean 'branch'?)"),
+    (with_changes("data", text_ids=["raw", 5]), [], "data.text_ids[1]: expected a string, got 5"),
+    (with_changes("data", crop_scale=[0.9, "1"]), [], "data.crop_scale[1]: expected a number, got '1'"),
+    (with_changes("train", steps="10"), [], "train.steps: expected an integer, got '10'"),
+    (with_changes("train", zero_stage=True), [], "train.zero_stage: expected an integer, got True"),
+    (MINIMAL, ["model.num_branches=0"], "model.num_branches: must be at least 1 or null, got 0"),
 ])
 def test_errors_name_file_and_key(tmp_path, data, overrides, message):
     path = write(tmp_path, data)
