@@ -16,15 +16,12 @@ Samples are streamed one at a time: only the caller decides what to keep (the em
 from __future__ import annotations
 
 import json
-import os
-import tarfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from webdataset.tariterators import group_by_keys, tar_file_expander
-
-from data_manifests import COMPLETE, ManifestError, ShardReader, ShardReadError, list_shard_files, load_manifest
+from data_manifests import (COMPLETE, ManifestError, Problem, ShardReader, ShardReadError, TarReader,
+                            list_shard_files, load_manifest)
 
 IMAGE_MEMBERS = ("jpg", "jpeg", "png", "webp")
 IMAGE_FILES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
@@ -138,24 +135,23 @@ def open_classification_set(path: str | Path) -> EvalSet:
 
 def _read_labelled_shards(es: EvalSet, shards: list[str]) -> Iterator[EvalItem]:
     for name in shards:
-        url = str(es.path / name)
+        path = es.path / name
+        reader = TarReader(path)
         try:
-            with open(url, "rb") as stream:
-                for raw in group_by_keys(tar_file_expander([{"url": url, "stream": stream}])):
-                    item = _labelled_item(raw)
-                    if isinstance(item, str):
-                        es.problems.append(f"{name} sample {raw.get('__key__')}: {item}")
-                    else:
-                        yield item
-        except (tarfile.TarError, OSError, EOFError, ValueError) as e:
-            # webdataset appends the stream and URL to the exception's args: keep its message only.
-            reason = e.args[0] if e.args else e
-            raise EvalError(f"{url}: cannot be read ({reason}); check the shard (`tar tf {url}`)") from None
+            for key, members in reader:
+                item = _labelled_item(key, members)
+                if isinstance(item, str):
+                    es.problems.append(str(Problem(name, key, item)))
+                else:
+                    yield item
+        except ShardReadError as e:
+            raise EvalError(f"{path}: cannot be read ({e.reason}); check the shard (`tar tf {path}`)") from None
+        finally:
+            es.problems.extend(str(p) for p in reader.problems)  # samples the tar reader refused
 
 
-def _labelled_item(raw: dict) -> EvalItem | str:
+def _labelled_item(key: str, raw: dict[str, bytes]) -> EvalItem | str:
     """An EvalItem from a WebDataset sample {ext: bytes}, or the reason it cannot be used."""
-    key = os.path.basename(str(raw.get("__key__", "")))
     image = next((raw[ext] for ext in IMAGE_MEMBERS if ext in raw), None)
     if image is None:
         return f"no image member ({', '.join('.' + e for e in IMAGE_MEMBERS)})"
@@ -168,7 +164,7 @@ def _labelled_item(raw: dict) -> EvalItem | str:
     if "json" in raw:
         try:
             record = json.loads(raw["json"])
-        except (UnicodeDecodeError, json.JSONDecodeError):
+        except (ValueError, RecursionError):  # not UTF-8 or not JSON; a 4300-digit number; deep nesting
             return ".json is not valid JSON"
         if not isinstance(record, dict):
             record = {}
@@ -181,7 +177,7 @@ def _labelled_item(raw: dict) -> EvalItem | str:
         return f"no label (a .cls member or a {'/'.join(LABEL_FIELDS)} field in the .json)"
     if isinstance(label, bool) or not isinstance(label, (int, str)):
         return f"label {label!r} is neither a class index nor a class name"
-    if isinstance(label, str) and label.lstrip("-").isdigit():
+    if isinstance(label, str) and label.lstrip("-").isdecimal() and len(label) < 20:  # what int() reads
         label = int(label)
     texts = record.get("texts") if isinstance(record.get("texts"), dict) else {}
     return EvalItem(key, image, texts, label)

@@ -18,9 +18,11 @@ boundary costs nothing; inside a segment the slot replays its segment up to k (d
 without tokenising), at most one segment of data loading.
 
 Bad input never stops training: an unreadable or truncated shard is skipped (its samples read
-so far are kept), a sample that breaks the format, an image that does not decode and a sample
-lacking a required text are skipped; all are counted and travel with the batches to the
-training process, which logs them.
+so far are kept), a sample that breaks the format (bad JSON, unsafe or repeated member names),
+an image that does not decode and a sample lacking a required text are skipped; all are counted
+and travel with the batches to the training process, which logs them. Shards are read by the
+data contract's tar reader (data_manifests.TarReader), so a shard cut between two members is
+found truncated here as everywhere else.
 """
 
 from __future__ import annotations
@@ -32,10 +34,9 @@ import itertools
 import json
 import logging
 import random
-import tarfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, BinaryIO
+from typing import Any
 
 import braceexpand
 import fsspec
@@ -45,9 +46,9 @@ import webdataset as wds
 from fsspec.implementations.local import LocalFileSystem
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
-from webdataset.tariterators import group_by_keys, tar_file_expander
 
-from data_manifests import Manifest, ManifestError, Sample, SampleFormatError, list_shard_files, load_manifest
+from data_manifests import (Manifest, ManifestError, Sample, SampleFormatError, ShardReadError, TarReader,
+                            list_shard_files, load_manifest)
 
 from .config import DataSection
 from .tokenizer import Tokenizer
@@ -55,8 +56,6 @@ from .transform import train_transform
 
 log = logging.getLogger(__name__)
 
-# Errors that mean "this shard cannot be read (further)", as opposed to bugs in our code.
-SHARD_ERRORS = (tarfile.TarError, OSError, EOFError, ValueError)
 # A stream that reads this many samples in a row without one usable sample is misconfigured.
 MAX_CONSECUTIVE_REJECTS = 10_000
 MAX_PROBLEMS_KEPT = 20
@@ -141,7 +140,7 @@ def resolve_source(spec: str) -> Source:
         for raw in itertools.islice(read_shard(urls[0]), PEEK_SAMPLES):
             with contextlib.suppress(SampleFormatError):
                 texts.update(Sample.from_members(raw["__key__"], _members(raw)).texts)
-    except SHARD_ERRORS:
+    except ShardReadError:
         pass  # reported when the stream reads it
     return Source(spec, urls, None, dict.fromkeys(texts, 1) if texts else None)
 
@@ -173,20 +172,15 @@ def check_text_ids(sources: Sequence[Source], text_ids: Sequence[str], fallback:
 # ----------------------------------------------------------------------------- reading
 
 
-def open_url(url: str) -> BinaryIO:
-    """Local paths with open(); anything with a scheme through fsspec (s3://, gs://, http://, ...)."""
-    if _is_url(url):
-        return fsspec.open(url, "rb").open()
-    return open(url, "rb")
+def read_shard(url: str, reader: TarReader | None = None) -> Iterator[dict[str, Any]]:
+    """The samples of one shard (local path or fsspec URL) in WebDataset's shape:
+    {"__key__", "__url__", ext: bytes, ...}, streamed one at a time.
 
-
-def read_shard(url: str) -> Iterator[dict[str, Any]]:
-    """WebDataset's tar reader on one shard: {"__key__", "__url__", ext: bytes, ...} per sample.
-
-    Raises one of SHARD_ERRORS when the shard is unreadable or truncated (after the good samples).
+    Raises ShardReadError when the shard is unreadable or truncated (after the good samples).
+    The samples the tar reader refuses (unsafe or repeated member names) are in `reader`.
     """
-    with open_url(url) as stream:
-        yield from group_by_keys(tar_file_expander([{"url": url, "stream": stream}]))
+    for key, members in reader or TarReader(url):
+        yield {**members, "__key__": key, "__url__": url}
 
 
 def _members(raw: dict[str, Any]) -> dict[str, bytes]:
@@ -263,15 +257,19 @@ class MultiTextStream(IterableDataset):
         empty_in_a_row = 0
         for url in urls:
             n = 0
+            reader = TarReader(url)
             try:
-                for raw in read_shard(url):
+                for raw in read_shard(url, reader):
                     n += 1
                     yield raw
                 state["counts"]["shards"] += 1
-            except SHARD_ERRORS as e:
+            except ShardReadError as e:
                 state["counts"]["corrupt_shards"] += 1
                 message = f"skipped unreadable shard {url} after {n} samples: {type(e).__name__}: {e}"
                 self._problem(state, message)
+            state["counts"]["bad_samples"] += sum(reader.refused.values())
+            for p in reader.problems:
+                self._problem(state, f"skipped sample {p.key!r} in {url}: {p.message}")
             empty_in_a_row = 0 if n else empty_in_a_row + 1
             if empty_in_a_row > 2 * len(self.urls) + 10:
                 raise DataError(f"data.shards: no readable samples in the last {empty_in_a_row} shards read ({url}, ...)")
