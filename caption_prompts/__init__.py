@@ -27,6 +27,9 @@ from typing import Any
 
 import yaml
 
+from data_manifests.config import did_you_mean
+from data_manifests.sample import SampleFormatError, check_text_id
+
 FAMILIES = ("attention", "physical-sensory", "gaze-glance", "reasoning")
 DEFAULT_MAX_NEW_TOKENS = 77
 SAMPLING_KEYS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "presence_penalty",
@@ -79,18 +82,25 @@ def available_sets() -> list[str]:
     return sorted(p.name[: -len(".yaml")] for p in resources.files(__name__).iterdir() if p.name.endswith(".yaml"))
 
 
-def _validate_prompt(raw: Any, where: str) -> Prompt:
+# Prompt sets keep their own small checks rather than the stages' config models
+# (data_manifests/config.py): their messages name the prompt and then the key ("prompts[0]:
+# unknown key 'txt'"), a form users and tests of the library rely on.
+def _keys(raw: Any, allowed: tuple[str, ...], required: tuple[str, ...], where: str, what: str) -> dict:
     if not isinstance(raw, dict):
-        raise PromptSetError(f"{where}: each prompt must be a mapping with keys {', '.join(_PROMPT_KEYS)}")
+        raise PromptSetError(f"{where}: {what} must be a mapping with keys {', '.join(allowed)}")
     for key in raw:
-        if key not in _PROMPT_KEYS:
-            raise PromptSetError(f"{where}: unknown key {key!r} (allowed: {', '.join(_PROMPT_KEYS)})")
-    for key in ("id", "family", "text"):
+        if key not in allowed:
+            raise PromptSetError(f"{where}: unknown key {key!r} (allowed: {', '.join(allowed)})"
+                                 + did_you_mean(str(key), allowed))
+    for key in required:
         if key not in raw:
             raise PromptSetError(f"{where}: missing key {key!r}")
-    pid, family, text = raw["id"], raw["family"], raw["text"]
-    from data_manifests.sample import SampleFormatError, check_text_id
+    return raw
 
+
+def _validate_prompt(raw: Any, where: str) -> Prompt:
+    _keys(raw, _PROMPT_KEYS, ("id", "family", "text"), where, "each prompt")
+    pid, family, text = raw["id"], raw["family"], raw["text"]
     try:
         check_text_id(str(pid))
     except SampleFormatError as e:
@@ -116,14 +126,7 @@ def _validate_prompt(raw: Any, where: str) -> Prompt:
 
 
 def parse_prompt_set(data: Any, source: str) -> PromptSet:
-    if not isinstance(data, dict):
-        raise PromptSetError(f"{source}: the file must hold a mapping with keys {', '.join(_SET_KEYS)}")
-    for key in data:
-        if key not in _SET_KEYS:
-            raise PromptSetError(f"{source}: unknown key {key!r} (allowed: {', '.join(_SET_KEYS)})")
-    for key in ("name", "prompts"):
-        if key not in data:
-            raise PromptSetError(f"{source}: missing key {key!r}")
+    _keys(data, _SET_KEYS, ("name", "prompts"), source, "the file")
     if not isinstance(data["prompts"], list) or not data["prompts"]:
         raise PromptSetError(f"{source}: key 'prompts' must be a non-empty list")
     prompts = []
