@@ -267,7 +267,8 @@ class CaptionConfig(ConfigModel):
                 made_by[job.text_id] = c.name
         for tid in self.overwrite:
             if tid not in made_by:
-                raise ValueError(f"overwrite: {tid!r} is not a text id this config makes ({', '.join(sorted(made_by))})")
+                raise ValueError(f"overwrite: {tid!r} is not a text id this config makes "
+                                 f"({', '.join(sorted(made_by))})")
         if self.input.resolve() == self.output.resolve():
             raise ValueError("output: must differ from input (to add texts to a captioned dataset, give it as "
                              "output and its image dataset as input)")
