@@ -55,7 +55,8 @@ def job(**captioner) -> dict:
                                  "(did you mean 'captioners'?)"),
     ({**job(), "sampling": {"temprature": 1.0}}, "job.yaml: sampling.temprature: unknown key "
                                                  "(known here: temperature, top_p) (did you mean 'temperature'?)"),
-    (job(engine={"dtype": "fp8"}), "job.yaml: captioners[1].engine.dtype: must be one of ['float32', 'bfloat16'], got 'fp8'"),
+    (job(engine={"dtype": "fp8"}),
+     "job.yaml: captioners[1].engine.dtype: must be one of ['float32', 'bfloat16'], got 'fp8'"),
     (job(tags=["x", 5]), "job.yaml: captioners[1].tags[1]: expected a string, got 5"),
     (job(engine={"max_len": 0}), "job.yaml: captioners[1].engine.max_len: must be at least 1, got 0"),
     ({**job(), "rate": -1}, "job.yaml: rate: must be > 0 or null, got -1"),
