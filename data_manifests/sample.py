@@ -113,7 +113,10 @@ class Sample:
             if not isinstance(value, dict):
                 raise SampleFormatError(f"sample {self.key}: {what!r} is not an object")
         for text_id, text in self.texts.items():
-            check_text_id(text_id)
+            try:
+                check_text_id(text_id)
+            except SampleFormatError as e:
+                raise SampleFormatError(f"sample {self.key}: {e}") from None
             if not isinstance(text, str):
                 raise SampleFormatError(f"sample {self.key}: text {text_id!r} is not a string")
             if problem := _text_problem(text):
