@@ -33,7 +33,8 @@ The output is the project's dataset format (docs/data-format.md): OUT/*.tar + OU
 A download keeps its working files in OUT/_ingest/: img2dataset's per-shard .parquet lists every
 URL with its status and error message, refused.parquet the rows refused before downloading.
 Rerun the same command to resume an interrupted ingest; only what is missing is done.
-Exit status: 0 complete, 1 incomplete (rerun to finish), 2 bad input or configuration.
+Exit status: 0 complete, 1 incomplete (rerun to finish; an input shard that cannot be read is named
+instead: fix or remove it), 2 bad input or configuration.
 """
 
 
