@@ -24,7 +24,7 @@ from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
-from data_manifests import DatasetWriter, ManifestError
+from data_manifests import DatasetWriter, ManifestError, stats_path
 from data_manifests.manifest import read_json
 
 from .converter import ConvertOptions, convert_shard
@@ -50,8 +50,8 @@ class Staging:
 
     def paths(self, name: str) -> tuple[Path, Path, Path]:
         """(tar, _stats.json, parquet) of shard `name` ("00042.tar")."""
-        stem = name.removesuffix(".tar")
-        return self.root / f"{stem}.tar", self.root / f"{stem}_stats.json", self.root / f"{stem}.parquet"
+        tar = self.root / name
+        return tar, stats_path(tar), tar.with_suffix(".parquet")
 
     def finished(self) -> list[str]:
         """Shards img2dataset has finished: it writes _stats.json last, after closing the tar."""
