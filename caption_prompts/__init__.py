@@ -143,7 +143,6 @@ def parse_prompt_set(data: Any, source: str) -> PromptSet:
 
 def load_prompt_set(name_or_path: str | Path) -> PromptSet:
     """A shipped set by name ("default", "full", "one_prompt") or a YAML file by path."""
-    text_source: str
     candidate = Path(name_or_path)
     if candidate.suffix in (".yaml", ".yml") or candidate.exists():
         if not candidate.exists():
