@@ -23,7 +23,7 @@ PARTIAL_GLOB = ".*.partial-*"
 
 def now_iso() -> str:
     """The time now, in UTC, as ISO 8601 to the second: the stamp of every record we write."""
-    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    return datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
 
 
 def partial_name(final_name: str) -> str:
@@ -62,9 +62,9 @@ def atomic_open(path: str | os.PathLike, mode: str = "w", errors: str | None = N
     Text is UTF-8."""
     path = Path(path)
     partial = partial_path(path)
-    f = open(partial, mode) if "b" in mode else open(partial, mode, encoding="utf-8", errors=errors)
+    text = {} if "b" in mode else {"encoding": "utf-8", "errors": errors}
     try:
-        with f:
+        with open(partial, mode, **text) as f:
             yield f
             f.flush()
             os.fsync(f.fileno())

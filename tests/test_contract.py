@@ -259,15 +259,15 @@ def test_a_shard_cut_anywhere_is_truncated_for_every_reader(tmp_path):
         path = tmp_path / f"cut{cut}.tar"
         path.write_bytes(data[:cut])
         readers = {
-            "ShardReader": lambda: list(ShardReader(path)),
-            "TarReader (key order)": lambda: list(TarReader(path).by_key()),
-            "trainer": lambda: list(read_shard(str(path))),
-            "trainer (fsspec URL)": lambda: list(read_shard(f"file://{path}")),
-            "converter": lambda: convert_shard(path, tmp_path / "out.tar"),
+            "ShardReader": lambda p: list(ShardReader(p)),
+            "TarReader (key order)": lambda p: list(TarReader(p).by_key()),
+            "trainer": lambda p: list(read_shard(str(p))),
+            "trainer (fsspec URL)": lambda p: list(read_shard(f"file://{p}")),
+            "converter": lambda p: convert_shard(p, tmp_path / "out.tar"),
         }
         for who, read in readers.items():
             with pytest.raises(ShardReadError) as exc:
-                read()
+                read(path)
             assert exc.value.shard == path.name, who
         assert not (tmp_path / "out.tar").exists()  # nothing published from a cut input
 
