@@ -176,7 +176,8 @@ class Sample:
         except json.JSONDecodeError as e:
             raise SampleFormatError(f"sample {key}: .json is not valid JSON ({e.msg})") from None
         except (ValueError, RecursionError):  # a number of over 4300 digits; nesting Python cannot follow
-            raise SampleFormatError(f"sample {key}: .json is not valid JSON (a number too long or nesting too deep)") from None
+            raise SampleFormatError(
+                f"sample {key}: .json is not valid JSON (a number too long or nesting too deep)") from None
         if not isinstance(record, dict):
             raise SampleFormatError(f"sample {key}: .json is not an object")
         texts = record.get("texts")

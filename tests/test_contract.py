@@ -186,7 +186,7 @@ MEMBER_NAME = st.one_of(
     st.builds(lambda k, e: f"{k}.{e}", st.sampled_from(["a", "b", "c"]),
               st.sampled_from(["jpg", "JPEG", "png", "webp", "gif", "json", "txt", "cls", "json.gz", ""])),
     st.sampled_from(["../../a.jpg", "/abs/b.json", "dir\\c.jpg", "d/../e.png", "sub/a.json", ".hidden", "a"]),
-    st.text(st.characters(codec="utf-8", exclude_characters="\x00"), min_size=1, max_size=20),  # no NUL: tar ends names there
+    st.text(st.characters(codec="utf-8", exclude_characters="\x00"), min_size=1, max_size=20),  # tar ends names at NUL
 )
 # A sample's JSON: mostly a record of the format, with lone surrogates escaped in it at times;
 # else any JSON, or JSON that is not UTF-8.
@@ -195,7 +195,8 @@ RECORD = st.fixed_dictionaries({"texts": st.dictionaries(TEXT_ID, st.one_of(TEXT
                                optional={"source": JSON, "flags": JSON, "errors": JSON, "key": SHORT})
 MEMBER_JSON = st.builds(lambda v, ascii_: json.dumps(v, ensure_ascii=ascii_).encode("utf-8", "surrogatepass"),
                         mostly(RECORD, JSON), st.booleans())
-MEMBER_DATA = st.one_of(st.binary(max_size=100), st.sampled_from([image_bytes(3), image_bytes(4, fmt="GIF")]), MEMBER_JSON)
+MEMBER_DATA = st.one_of(st.binary(max_size=100), st.sampled_from([image_bytes(3), image_bytes(4, fmt="GIF")]),
+                        MEMBER_JSON)
 
 
 @st.composite
@@ -299,8 +300,9 @@ def test_a_lone_surrogate_refuses_its_sample_not_the_import(tmp_path, capsys):
     texts = sorted(s.texts.get("raw") for n in m.shards for s in ShardReader(out / n))
     assert texts == ["fine", "first", "later shard", "third"]
     assert [m.shards[n].failed_samples for n in sorted(m.shards)] == [1, 1, 0]
-    assert m.shards["00000.tar"].info["failures"] == {"source field 'url' holds a lone UTF-16 surrogate, which UTF-8 cannot store": 1}
-    assert m.shards["00001.tar"].info["failures"] == {"text 'raw' holds a lone UTF-16 surrogate, which UTF-8 cannot store": 1}
+    surrogate = "holds a lone UTF-16 surrogate, which UTF-8 cannot store"
+    assert m.shards["00000.tar"].info["failures"] == {f"source field 'url' {surrogate}": 1}
+    assert m.shards["00001.tar"].info["failures"] == {f"text 'raw' {surrogate}": 1}
     assert "lone UTF-16 surrogate" in capsys.readouterr().out
     assert verify_dataset(out).ok
 
