@@ -54,7 +54,7 @@ from typing import Any
 
 import yaml
 
-from data_manifests import atomic_write_text
+from data_manifests import atomic_write_text, now_iso, publish
 from demo import scenes as sc
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -104,7 +104,7 @@ def run_stage(name: str, cmd: Sequence[str], log: Path, env: dict[str, str] | No
     say(f"$ {' '.join(shlex.quote(str(c)) for c in cmd)}")
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "ab") as sink:
-        sink.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} $ {shlex.join(map(str, cmd))}\n".encode())
+        sink.write(f"\n=== {now_iso()} $ {shlex.join(map(str, cmd))}\n".encode())
         proc = subprocess.Popen(list(map(str, cmd)), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                 env={**os.environ, **(env or {})})
         assert proc.stdout is not None
@@ -302,7 +302,7 @@ def stage_eval(o: Options) -> None:
             say(f"$ python -m eval {shlex.join(argv)}")
             if eval_main(argv) != 0:
                 raise DemoError(f"eval {name}: `python -m eval {shlex.join(argv)}` failed (message above)")
-        os.replace(partial, results)
+        publish(partial, results)
 
 
 # ----------------------------------------------------------------------------- report

@@ -181,3 +181,28 @@ def test_cli_rejects_bad_config_and_missing_model_before_any_work(images, tmp_pa
     assert r.returncode == 2 and "config file not found" in r.stderr
     r = subprocess.run([sys.executable, "-m", "pipeline.caption", "--help"], capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 0 and "ray job submit" in r.stdout
+
+
+def test_writer_counts_the_samples_it_leaves_out(tmp_path):
+    """A source sample the format refuses, or one that cannot be stored with its new texts, is left
+    out of the output shard and counted by reason: never a failed shard, never a silent loss."""
+    import json
+
+    from helpers import write_raw_tar
+
+    from pipeline.caption.writer import write_captioned_shard
+
+    def record(key):
+        return json.dumps({"key": key, "texts": {"raw": "a"}, "source": {}}).encode()
+
+    source = tmp_path / "00000.tar"
+    write_raw_tar(source, [("a.jpg", b"x"), ("a.json", record("a")),
+                           ("b.jpg", b"x"), ("b.json", record("b")),
+                           ("../c.jpg", b"x"), ("c.json", record("c"))])
+    # "b" gets a caption that UTF-8 cannot store (a lone surrogate from a broken detokenizer, say).
+    out = write_captioned_shard(str(source), str(tmp_path / "out.tar"),
+                                [ShardResult(texts={"a": {"detail": "fine"}, "b": {"detail": "\udcff"}})])
+    assert out["info"]["samples"] == 1
+    assert sum(out["refused"].values()) == 2 and out["refused"]["cannot be stored with its new texts"] == 1
+    assert any("sample b" in p and "surrogate" in p for p in out["problems"])
+    assert any("../c.jpg" in p for p in out["problems"])

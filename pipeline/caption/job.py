@@ -84,11 +84,13 @@ class CaptionJob:
     def commit(self, plan: ShardPlan, out: dict[str, Any], bar) -> None:
         """A written output shard (what writer.write_captioned_shard returned) into the books."""
         extra = {"text_identities": plan.identities}
+        if out["refused"]:
+            extra["failures"] = out["refused"]
         if out["problems"]:
             extra["problems"] = out["problems"][:50]
         if out["samples_with_errors"]:
             extra["samples_with_errors"] = out["samples_with_errors"]
-        self.writer.commit(ShardInfo(**out["info"]), TextStats(out["stats"]), failed_samples=len(out["problems"]),
+        self.writer.commit(ShardInfo(**out["info"]), TextStats(out["stats"]), failed_samples=sum(out["refused"].values()),
                            extra=extra)
         if bar:
             bar.update(plan.images or out["info"]["samples"])

@@ -15,7 +15,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from data_manifests.manifest import now_iso
+from data_manifests import now_iso
 
 from .config import CaptionerConfig, TextJob
 

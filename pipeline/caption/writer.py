@@ -7,11 +7,12 @@ references, so neither images nor texts go through it.
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from data_manifests import ShardReader, ShardReadError, ShardWriter, TextStats
+from data_manifests import SampleFormatError, ShardReader, ShardReadError, ShardWriter, TextStats
 
 from .captioner import ShardResult
 
@@ -33,20 +34,32 @@ def merge_sample(sample, results: list[ShardResult]) -> None:
 
 
 def write_captioned_shard(source: str, output: str, results: list[ShardResult]) -> dict[str, Any]:
-    """Read `source`, merge the results, write `output` atomically. Returns what the driver commits."""
+    """Read `source`, merge the results, write `output` atomically. Returns what the driver commits.
+
+    A sample the source holds but the format refuses (read) or that cannot be stored with its new
+    texts (write) is left out, counted in `refused` by reason and named in `problems`.
+    """
     reader = ShardReader(source)
     stats = TextStats()
     errors = 0
+    refused: Counter[str] = Counter()
+    problems: list[str] = []
     try:
         with ShardWriter(output) as writer:
             for sample in reader:
                 merge_sample(sample, results)
                 if sample.errors:
                     errors += 1
-                writer.write(sample)
+                try:
+                    writer.write(sample)
+                except SampleFormatError as e:
+                    refused["cannot be stored with its new texts"] += 1
+                    problems.append(f"{reader.name} sample {sample.key}: {e}")
+                    continue
                 stats.add(sample)
             info = writer.close()
     except ShardReadError as e:
         raise RuntimeError(f"source shard {Path(source).name} became unreadable while writing: {e}") from e
+    refused.update(reader.refused)
     return {"info": asdict(info), "stats": stats.raw, "samples_with_errors": errors,
-            "problems": [str(p) for p in reader.problems]}
+            "refused": dict(refused), "problems": [str(p) for p in reader.problems] + problems}
