@@ -30,9 +30,8 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
-from PIL import Image, ImageDraw  # noqa: E402
-
 from http_server import ImageServer  # noqa: E402
+from PIL import Image, ImageDraw  # noqa: E402
 
 POOL = 64  # distinct pictures; URLs are distinct, bytes repeat
 

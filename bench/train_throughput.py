@@ -36,6 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 from synthetic_data import TEXT_IDS, make_synthetic_dataset  # noqa: E402
+
 from train.config import DataSection  # noqa: E402
 from train.data import MultiTextStream, make_loader, resolve_sources  # noqa: E402
 from train.loss import MultiTextContrastiveLoss  # noqa: E402

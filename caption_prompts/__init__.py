@@ -73,7 +73,7 @@ class PromptSet:
                 return p
         raise PromptSetError(f"{self.source}: no prompt with id {prompt_id!r} (has {', '.join(self.ids)})")
 
-    def select(self, ids: list[str]) -> "PromptSet":
+    def select(self, ids: list[str]) -> PromptSet:
         """The same set restricted to some prompts, in the order given."""
         return PromptSet(self.name, self.description, tuple(self.get(i) for i in ids), self.source)
 

@@ -3,11 +3,32 @@
 Every stage reads and writes datasets through this package (docs/data-format.md).
 """
 
-from .files import (PARTIAL_GLOB, atomic_open, atomic_write_bytes, atomic_write_json, atomic_write_text,
-                    now_iso, open_binary, partial_name, partial_path, publish, readable_name)
+from .files import (
+                    PARTIAL_GLOB,
+                    atomic_open,
+                    atomic_write_bytes,
+                    atomic_write_json,
+                    atomic_write_text,
+                    now_iso,
+                    open_binary,
+                    partial_name,
+                    partial_path,
+                    publish,
+                    readable_name,
+)
 from .img2dataset import read_img2dataset_stats, stats_path, top_reasons
-from .manifest import (COMPLETE, FAILED, PENDING, DatasetWriter, Manifest, ManifestError, ShardEntry,
-                       list_shard_files, load_manifest, read_json)
+from .manifest import (
+                    COMPLETE,
+                    FAILED,
+                    PENDING,
+                    DatasetWriter,
+                    Manifest,
+                    ManifestError,
+                    ShardEntry,
+                    list_shard_files,
+                    load_manifest,
+                    read_json,
+)
 from .quality import quality_flags
 from .sample import RAW, Sample, SampleFormatError, check_text_id, sha256_hex
 from .shard import ShardInfo, ShardReader, ShardWriteError, ShardWriter

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from .manifest import ManifestError, load_manifest
-from .shard import ShardReadError, ShardReader
+from .shard import ShardReader, ShardReadError
 
 EPILOG = """\
 A dataset is a directory of WebDataset .tar shards plus manifest.json (see docs/data-format.md).

@@ -10,7 +10,7 @@ from typing import Any
 
 from .manifest import COMPLETE, load_manifest
 from .sample import sha256_hex
-from .shard import ShardReadError, ShardReader
+from .shard import ShardReader, ShardReadError
 
 MAX_EXAMPLES = 10
 

@@ -13,7 +13,7 @@ from typing import Any
 from .img2dataset import read_img2dataset_stats, stats_path, top_reasons
 from .manifest import MANIFEST_NAME, DatasetWriter, ManifestError, list_shard_files
 from .sample import RAW
-from .shard import ShardInfo, ShardReadError, ShardReader
+from .shard import ShardInfo, ShardReader, ShardReadError
 from .textstats import TextStats
 
 

@@ -67,7 +67,7 @@ class ShardEntry:
         return self.status != COMPLETE and self.info.get("rerun_helps", True) is not False
 
     @classmethod
-    def from_json(cls, d: dict[str, Any], where: str) -> "ShardEntry":
+    def from_json(cls, d: dict[str, Any], where: str) -> ShardEntry:
         known = {f for f in cls.__dataclass_fields__}
         unknown = set(d) - known - {"text_stats"}
         if unknown or "name" not in d:
@@ -116,7 +116,7 @@ class Manifest:
         }
 
     @classmethod
-    def from_json(cls, d: dict[str, Any], where: str) -> "Manifest":
+    def from_json(cls, d: dict[str, Any], where: str) -> Manifest:
         if not isinstance(d, dict) or d.get("format") != FORMAT:
             raise ManifestError(f"{where}: not a holiclip manifest (format is {d.get('format') if isinstance(d, dict) else None!r}, expected {FORMAT!r})")
         for key in ("dataset_id", "stage", "shards"):

@@ -101,7 +101,7 @@ class Sample:
     errors: dict[str, str] = field(default_factory=dict)
     source: dict[str, Any] = field(default_factory=dict)
 
-    def validate(self) -> "Sample":
+    def validate(self) -> Sample:
         """Check that the sample can be written and read back equal; SampleFormatError names the field."""
         check_key(self.key)
         if self.image_ext not in IMAGE_EXTS:
@@ -152,7 +152,7 @@ class Sample:
         return json.dumps(record, ensure_ascii=False, sort_keys=True).encode("utf-8")
 
     @classmethod
-    def from_members(cls, key: str, members: dict[str, bytes]) -> "Sample":
+    def from_members(cls, key: str, members: dict[str, bytes]) -> Sample:
         """Build a sample from the tar members of one key (extension -> bytes).
 
         Also reads img2dataset's layout (`.txt` alt-text, JSON without `texts`), so that its

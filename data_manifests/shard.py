@@ -24,6 +24,7 @@ from .files import HashingFile, partial_path, publish
 from .sample import Sample, SampleFormatError
 from .tar import Problem, ShardReadError, TarReader
 
+
 class ShardWriteError(Exception):
     """The shard could not be written (disk full, no permission, ...); nothing was published."""
 
@@ -107,7 +108,7 @@ class ShardWriter:
         except FileNotFoundError:
             pass
 
-    def __enter__(self) -> "ShardWriter":
+    def __enter__(self) -> ShardWriter:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:

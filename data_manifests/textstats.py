@@ -49,7 +49,7 @@ class TextStats:
         for text_id in sample.errors:
             self.raw.setdefault(text_id, _empty())["errors"] += 1
 
-    def merge(self, other: "TextStats | dict[str, dict[str, Any]]") -> None:
+    def merge(self, other: TextStats | dict[str, dict[str, Any]]) -> None:
         raw = other.raw if isinstance(other, TextStats) else other
         for text_id, src in raw.items():
             dst = self.raw.setdefault(text_id, _empty())

@@ -18,7 +18,7 @@ import numpy as np
 
 from .files import PARTIAL_GLOB
 from .manifest import COMPLETE, Manifest, ManifestError, list_shard_files, load_manifest
-from .shard import ShardReadError, ShardReader
+from .shard import ShardReader, ShardReadError
 from .textstats import TextStats
 
 

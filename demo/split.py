@@ -17,8 +17,16 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from data_manifests import (COMPLETE, DatasetWriter, ShardReader, atomic_write_bytes, atomic_write_json,
-                            atomic_write_text, load_manifest, quality_flags)
+from data_manifests import (
+    COMPLETE,
+    DatasetWriter,
+    ShardReader,
+    atomic_write_bytes,
+    atomic_write_json,
+    atomic_write_text,
+    load_manifest,
+    quality_flags,
+)
 from demo import scenes as sc
 
 

@@ -86,8 +86,14 @@ def build_tiny_qwen2vl(out: str | Path, seed: int = 0, max_pixels: int = 448 * 4
     caching across the prompts of one image has something to reuse.
     """
     import torch
-    from transformers import (PreTrainedTokenizerFast, Qwen2VLConfig, Qwen2VLForConditionalGeneration,
-                              Qwen2VLImageProcessor, Qwen2VLProcessor, Qwen2VLVideoProcessor)
+    from transformers import (
+        PreTrainedTokenizerFast,
+        Qwen2VLConfig,
+        Qwen2VLForConditionalGeneration,
+        Qwen2VLImageProcessor,
+        Qwen2VLProcessor,
+        Qwen2VLVideoProcessor,
+    )
 
     out = Path(out)
     torch.manual_seed(seed)
@@ -127,8 +133,15 @@ def build_tiny_llava(out: str | Path, seed: int = 0, init_std: float = 0.4) -> P
 
     `init_std`: see build_tiny_qwen2vl."""
     import torch
-    from transformers import (CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig,
-                              LlavaForConditionalGeneration, LlavaProcessor, PreTrainedTokenizerFast)
+    from transformers import (
+        CLIPImageProcessor,
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+        PreTrainedTokenizerFast,
+    )
 
     out = Path(out)
     torch.manual_seed(seed)

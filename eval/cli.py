@@ -29,8 +29,19 @@ from .checkpoint import Checkpoint, load_checkpoint
 from .data import EvalError, EvalSet, open_classification_set, open_retrieval_set
 from .embed import PRECISIONS, EmbedOptions, embed_images, embed_texts
 from .fusion import METHODS, Fusion, FusionError, parse_branches
-from .report import (FORMAT, append_results, branch_table, compare_table, file_stem, plot_branch_heatmap,
-                     read_results, retrieval_table, safe_name, write_json, zeroshot_table)
+from .report import (
+    FORMAT,
+    append_results,
+    branch_table,
+    compare_table,
+    file_stem,
+    plot_branch_heatmap,
+    read_results,
+    retrieval_table,
+    safe_name,
+    write_json,
+    zeroshot_table,
+)
 from .retrieval import Captions, evaluate_retrieval
 from .zeroshot import LabelMap, build_classifier, load_templates, zeroshot_accuracy
 

@@ -20,8 +20,16 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from data_manifests import (COMPLETE, ManifestError, Problem, ShardReader, ShardReadError, TarReader,
-                            list_shard_files, load_manifest)
+from data_manifests import (
+    COMPLETE,
+    ManifestError,
+    Problem,
+    ShardReader,
+    ShardReadError,
+    TarReader,
+    list_shard_files,
+    load_manifest,
+)
 
 IMAGE_MEMBERS = ("jpg", "jpeg", "png", "webp")
 IMAGE_FILES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
@@ -53,7 +61,7 @@ class EvalSet:
     expected: int | None  # samples announced by the manifest or the folder listing (progress bars)
     text_ids: list[str]  # text ids the manifest describes (retrieval)
     classes: list[str] | None = None  # folder names (image folder)
-    reader: Callable[["EvalSet"], Iterator[EvalItem]] | None = None
+    reader: Callable[[EvalSet], Iterator[EvalItem]] | None = None
     problems: list[str] = field(default_factory=list)  # samples skipped while reading, with reasons
 
     def __iter__(self) -> Iterator[EvalItem]:

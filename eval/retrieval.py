@@ -36,7 +36,7 @@ class Captions:
     pairs: dict[str, tuple[torch.Tensor, torch.Tensor]]  # text id -> (image index (C,), string index (C,))
 
     @classmethod
-    def collect(cls, texts_per_image: Sequence[dict[str, str]], text_ids: Sequence[str]) -> "Captions":
+    def collect(cls, texts_per_image: Sequence[dict[str, str]], text_ids: Sequence[str]) -> Captions:
         index: dict[str, int] = {}
         pairs: dict[str, tuple[list[int], list[int]]] = {t: ([], []) for t in text_ids}
         for i, texts in enumerate(texts_per_image):

@@ -89,7 +89,7 @@ class ImageServer:
     def base_url(self) -> str:
         return f"http://{HOST}:{self._server.server_address[1]}"
 
-    def start(self) -> "ImageServer":
+    def start(self) -> ImageServer:
         self._thread.start()
         return self
 
@@ -98,7 +98,7 @@ class ImageServer:
         self._server.shutdown()
         self._server.server_close()
 
-    def __enter__(self) -> "ImageServer":
+    def __enter__(self) -> ImageServer:
         return self.start()
 
     def __exit__(self, *exc) -> None:

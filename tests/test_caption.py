@@ -8,7 +8,6 @@ later job starts only the engines it needs.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
@@ -20,9 +19,9 @@ from pathlib import Path
 
 import psutil
 import pytest
-
-from caption_fixtures import (BAD_KEYS, ENGINE, ENV, captioner, make_image_dataset, read_texts, write_config)
+from caption_fixtures import BAD_KEYS, ENV, captioner, make_image_dataset, read_texts, write_config
 from conftest import BIN, ROOT, free_port
+
 from data_manifests import load_manifest
 from demo.tiny_vlm import build_tiny_llava, build_tiny_qwen2vl
 

@@ -9,15 +9,15 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from caption_fixtures import captioner, make_image_dataset, write_config
 from conftest import ROOT
+
 from data_manifests import DatasetWriter, Sample
-from pipeline.caption.plan import plan_job
-from pipeline.caption.config import ConfigError, load_config, parse_config
-from pipeline.caption.writer import merge_sample
 from pipeline.caption.captioner import ShardResult
+from pipeline.caption.config import ConfigError, load_config, parse_config
+from pipeline.caption.plan import plan_job
 from pipeline.caption.provenance import conflicts, model_content_hash, text_provenance
+from pipeline.caption.writer import merge_sample
 
 
 @pytest.fixture(scope="module")
@@ -126,8 +126,8 @@ def test_plan_resume_increment_and_overwrite(images, tmp_path, model_dir):
     assert plans[0].work == {"tiny": []} and plans[0].source == str(images / "00000.tar")
 
     # Shard 0 done with this identity: a resume skips it.
-    from pipeline.caption.writer import write_captioned_shard
     from data_manifests import ShardInfo, TextStats
+    from pipeline.caption.writer import write_captioned_shard
 
     out = write_captioned_shard(str(images / "00000.tar"), str(writer.shard_path("00000.tar")),
                                 [ShardResult(texts={"000000000": {"detail": "a"}, "000000001": {"detail": "b"}})])

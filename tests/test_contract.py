@@ -19,16 +19,25 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+from helpers import image_bytes, make_dataset, write_raw_tar
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from data_manifests import (COMPLETE, Sample, SampleFormatError, ShardReader, ShardReadError, ShardWriter, TarReader,
-                            load_manifest, parse_member_name)
+from data_manifests import (
+    COMPLETE,
+    Sample,
+    SampleFormatError,
+    ShardReader,
+    ShardReadError,
+    ShardWriter,
+    TarReader,
+    load_manifest,
+    parse_member_name,
+)
 from data_manifests.index import index_dataset
 from data_manifests.verify import verify_dataset
 from eval.data import EvalSet, _read_labelled_shards
-from helpers import image_bytes, make_dataset, write_raw_tar
 from pipeline.ingest.cli import main as ingest
 from pipeline.ingest.converter import ConvertOptions, convert_shard
 from train.data import read_shard

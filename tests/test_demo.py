@@ -22,10 +22,10 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
+from caption_fixtures import read_texts
 from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from caption_fixtures import read_texts
 from data_manifests import ShardReader, list_shard_files, load_manifest
 
 pytestmark = pytest.mark.slow

@@ -35,12 +35,12 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
+from synthetic_data import BACKGROUNDS, COLOURS, SHAPES, draw, make_synthetic_dataset
 
 from data_manifests import DatasetWriter, Sample, ShardReader, list_shard_files, sha256_hex
 from eval.cli import main
 from eval.data import read_lines
 from eval.zeroshot import IMAGENET_CLASSNAMES, load_templates
-from synthetic_data import BACKGROUNDS, COLOURS, SHAPES, draw, make_synthetic_dataset
 from train.export import export_checkpoint
 from train.loss import MultiTextContrastiveLoss
 from train.model import HolisticCLIP, load_model_config

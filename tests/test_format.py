@@ -9,11 +9,10 @@ import tarfile
 
 import pytest
 import webdataset as wds
-
-from data_manifests import (Sample, SampleFormatError, ShardReader, ShardReadError, ShardWriter,
-                            quality_flags)
-from data_manifests.quality import is_repetitive
 from helpers import image_bytes, make_dataset, make_sample, write_raw_tar
+
+from data_manifests import Sample, SampleFormatError, ShardReader, ShardReadError, ShardWriter, quality_flags
+from data_manifests.quality import is_repetitive
 
 
 def test_round_trip_keeps_every_field(tmp_path):

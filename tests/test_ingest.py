@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import csv
 import fcntl
-import hashlib
 import gzip
+import hashlib
 import io
 import json
 import os
@@ -28,14 +28,14 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from helpers import snapshot, write_raw_tar
+from http_server import BAD_KINDS, ImageServer
 from PIL import Image
 
 from data_manifests import COMPLETE, ShardReader, load_manifest
 from data_manifests.verify import verify_dataset
-from helpers import snapshot, write_raw_tar
-from http_server import BAD_KINDS, ImageServer
-from pipeline.ingest.converter import reason_of
 from pipeline.ingest.cli import main
+from pipeline.ingest.converter import reason_of
 
 ROOT = Path(__file__).resolve().parents[1]
 MANIFEST_CLI = str(Path(sys.executable).with_name("holiclip-manifest"))

@@ -9,11 +9,11 @@ import sys
 import textwrap
 
 import pytest
+from helpers import PROVENANCE, make_dataset, make_sample
 
 from data_manifests import COMPLETE, DatasetWriter, ManifestError, load_manifest
 from data_manifests.manifest import MANIFEST_NAME, RECORDS_DIR
 from data_manifests.verify import verify_dataset
-from helpers import PROVENANCE, make_dataset, make_sample
 
 
 def test_manifest_records_counts_checksums_provenance_and_stats(tmp_path):

@@ -10,10 +10,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import PROVENANCE, image_bytes, make_dataset, make_sample, snapshot, write_raw_tar
 from PIL import Image
 
 from data_manifests import DatasetWriter
-from helpers import PROVENANCE, image_bytes, make_dataset, make_sample, snapshot, write_raw_tar
 
 CLI = [str(Path(sys.executable).with_name("holiclip-manifest"))]
 

@@ -11,9 +11,9 @@ import fsspec
 import pytest
 import torch
 from PIL import Image
+from synthetic_data import TEXT_IDS, add_garbage_shard, add_truncated_shard, make_synthetic_dataset
 
 from data_manifests import DatasetWriter, Sample
-from synthetic_data import TEXT_IDS, add_garbage_shard, add_truncated_shard, make_synthetic_dataset
 from train.config import DataSection
 from train.data import DataError, MultiTextStream, check_text_ids, make_loader, resolve_source, resolve_sources
 from train.tokenizer import load_tokenizer

@@ -30,11 +30,11 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
+from conftest import free_port
 from safetensors.torch import load_file
+from synthetic_data import TEXT_IDS, add_truncated_shard, make_synthetic_dataset
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from conftest import free_port
-from synthetic_data import TEXT_IDS, add_truncated_shard, make_synthetic_dataset
 from train.export import load_exported
 
 pytestmark = pytest.mark.slow

@@ -47,8 +47,16 @@ from fsspec.implementations.local import LocalFileSystem
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from data_manifests import (Manifest, ManifestError, Sample, SampleFormatError, ShardReadError, TarReader,
-                            list_shard_files, load_manifest)
+from data_manifests import (
+    Manifest,
+    ManifestError,
+    Sample,
+    SampleFormatError,
+    ShardReadError,
+    TarReader,
+    list_shard_files,
+    load_manifest,
+)
 
 from .config import DataSection
 from .tokenizer import Tokenizer

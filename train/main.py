@@ -32,7 +32,15 @@ import yaml
 
 from train import checkpoint
 from train.config import ConfigError, TrainConfig, load_config
-from train.data import DataCounts, DataError, MultiTextStream, check_text_ids, describe_counts, make_loader, resolve_sources
+from train.data import (
+    DataCounts,
+    DataError,
+    MultiTextStream,
+    check_text_ids,
+    describe_counts,
+    make_loader,
+    resolve_sources,
+)
 from train.export import ExportError, export_checkpoint, probe_inputs
 from train.loss import MultiTextContrastiveLoss
 from train.metrics import Metrics

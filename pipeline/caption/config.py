@@ -23,8 +23,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import (AfterValidator, BeforeValidator, Field, PrivateAttr, ValidationInfo, field_validator,
-                      model_validator)
+from pydantic import (
+    AfterValidator,
+    BeforeValidator,
+    Field,
+    PrivateAttr,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from caption_prompts import SAMPLING_KEYS, Prompt, PromptSet, PromptSetError, load_prompt_set
 from data_manifests.config import ConfigError, ConfigModel, did_you_mean, read_yaml, validate

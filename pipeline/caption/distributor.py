@@ -30,8 +30,8 @@ def _remote_classes():
     """Ray-decorated actors, built on first use so importing this module needs no Ray."""
     import ray
 
-    from .writer import write_captioned_shard
     from .captioner import ShardCaptioner
+    from .writer import write_captioned_shard
 
     class CaptionActor:
         def __init__(self, cfg: CaptionerConfig, image_max_side: int):

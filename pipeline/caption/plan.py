@@ -15,6 +15,7 @@ from data_manifests import COMPLETE, DatasetWriter
 
 from .config import CaptionConfig
 
+
 @dataclass
 class ShardPlan:
     name: str

@@ -31,8 +31,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from data_manifests import (RAW, Problem, Sample, SampleFormatError, ShardInfo, ShardWriter, TarReader, TextStats,
-                            read_img2dataset_stats, readable_name, sha256_hex, top_reasons)
+from data_manifests import (
+    RAW,
+    Problem,
+    Sample,
+    SampleFormatError,
+    ShardInfo,
+    ShardWriter,
+    TarReader,
+    TextStats,
+    read_img2dataset_stats,
+    readable_name,
+    sha256_hex,
+    top_reasons,
+)
 from data_manifests.sample import KEY_RE
 
 IMAGE_MEMBERS = {"jpg": "jpg", "jpeg": "jpg", "png": "png", "webp": "webp"}  # stored as they are

@@ -40,13 +40,13 @@ Exit status: 0 complete, 1 incomplete (rerun to finish), 2 bad input or configur
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import sys
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
-import math
 from pathlib import Path
 from typing import Any
 

@@ -33,13 +33,28 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from data_manifests import (COMPLETE, RAW, SampleFormatError, ShardInfo, ShardReadError, ShardReader,
-                            ShardWriter, TarReader, TextStats, list_shard_files, partial_path, publish,
-                            read_img2dataset_stats, readable_name, sha256_hex, stats_path, top_reasons)
+from data_manifests import (
+    COMPLETE,
+    RAW,
+    SampleFormatError,
+    ShardInfo,
+    ShardReader,
+    ShardReadError,
+    ShardWriter,
+    TarReader,
+    TextStats,
+    list_shard_files,
+    partial_path,
+    publish,
+    read_img2dataset_stats,
+    readable_name,
+    sha256_hex,
+    stats_path,
+    top_reasons,
+)
 
 from .config import ImportConfig, IngestError
-from .converter import (CONVERTED_IMAGE_MEMBERS, IMAGE_MEMBERS, ConvertOptions, SampleRejected, convert_shard,
-                        to_sample)
+from .converter import CONVERTED_IMAGE_MEMBERS, IMAGE_MEMBERS, ConvertOptions, SampleRejected, convert_shard, to_sample
 from .output import hold_lock, open_writer, remove_leftovers, report
 
 OUR_MEMBERS = {"jpg", "png", "webp", "json"}

@@ -95,7 +95,7 @@ class UrlList:
 
     @classmethod
     def open(cls, path: str | os.PathLike, *, url_col: str = "url", caption_col: str | None = "caption",
-             keep_columns: tuple[str, ...] = (), input_format: str | None = None) -> "UrlList":
+             keep_columns: tuple[str, ...] = (), input_format: str | None = None) -> UrlList:
         path = Path(path)
         if not path.exists():
             raise UrlListError(f"{path}: no such file or directory (give --urls a URL list: parquet, csv, tsv or jsonl)")
