@@ -49,7 +49,8 @@ def make_inputs(root: Path, images: int, per_shard: int) -> Path:
         samples = []
         for i in range(min(per_shard, images - s * per_shard)):
             data = scene(s * 1000 + i)
-            samples.append(Sample(f"{s:05d}{i:04d}", data, "jpg", {"raw": f"scene {i}"}, source={"sha256": sha256_hex(data)}))
+            samples.append(Sample(f"{s:05d}{i:04d}", data, "jpg", {"raw": f"scene {i}"},
+                                  source={"sha256": sha256_hex(data)}))
         writer.write_shard(f"{s:05d}.tar", samples)
     writer.finish()
     return root
@@ -186,7 +187,8 @@ def main() -> int:
     runs["pipeline_1p"] = [pipeline_run(model, engine, images_dir, work / "out_1p", ["detail"], args.max_tokens,
                                         work, args.actor_cpus, args.shards_in_flight)]
     runs["pipeline_4p_nocache"] = [pipeline_run(model, {**engine, "enable_prefix_caching": False}, images_dir,
-                                                work / "out_4p_nocache", four, args.max_tokens, work, args.actor_cpus, args.shards_in_flight)]
+                                                work / "out_4p_nocache", four, args.max_tokens, work, args.actor_cpus,
+                                                args.shards_in_flight)]
     results = {name: median_run(rs) for name, rs in runs.items()}
 
     print(f"\n{'run':24s} {'images/s':>9s} {'captions/s':>11s} {'gen tok/s':>10s} {'seconds':>8s} {'prefix hit':>10s}"

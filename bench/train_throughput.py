@@ -52,7 +52,8 @@ PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A1
 def stream_for(root: Path, image_size: int, batch: int, workers: int) -> MultiTextStream:
     data = DataSection(shards=(str(root),), text_ids=TEXT_IDS, num_workers=workers, shuffle_buffer=500)
     urls = [u for s in resolve_sources(data.shards) for u in s.urls]
-    tokenizer = load_tokenizer("clip", context_length=load_model_config("tiny" if image_size == 32 else "vit_b16").context_length)
+    tokenizer = load_tokenizer(
+        "clip", context_length=load_model_config("tiny" if image_size == 32 else "vit_b16").context_length)
     return MultiTextStream(urls, data, tokenizer, image_size, batch, segment_batches=10**6)
 
 
@@ -80,8 +81,10 @@ def plain_loops(model_name: str, batches, steps: int, device: str, dtype, grad_c
     runs = {}
     for design, (branch, h, mode) in DESIGNS.items():
         torch.manual_seed(0)
-        model = HolisticCLIP(dataclasses.replace(load_model_config(model_name), branch=branch, num_branches=h)).to(device)
-        optimizer = torch.optim.AdamW(param_groups(model, 0.2), lr=1e-4, betas=(0.9, 0.98), eps=1e-6, fused=device == "cuda")
+        model = HolisticCLIP(dataclasses.replace(load_model_config(model_name), branch=branch,
+                                                 num_branches=h)).to(device)
+        optimizer = torch.optim.AdamW(param_groups(model, 0.2), lr=1e-4, betas=(0.9, 0.98), eps=1e-6,
+                                      fused=device == "cuda")
         runs[design] = (model, MultiTextContrastiveLoss(mode), optimizer, [])
     size = None
     for i in range(steps + 3):
@@ -135,7 +138,8 @@ def trainer(config: str, data: Path, out: Path, ranks: int, micro: int, steps: i
 
     cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(ranks), "--master_port", str(free_port()),
            "--module", "train.main", "--config", f"train/configs/{config}.yaml", "--set", f"data.shards={data}",
-           "--set", f"output_dir={out}", "--set", f"train.steps={steps + 3}", "--set", f"train.micro_batch_size={micro}",
+           "--set", f"output_dir={out}", "--set", f"train.steps={steps + 3}",
+           "--set", f"train.micro_batch_size={micro}",
            "--set", f"train.global_batch_size={micro * ranks}", "--set", "checkpoint.every_steps=100000",
            "--set", "checkpoint.export=false", "--set", "log.progress_bar=false", "--set", "log.every_steps=1",
            "--set", "data.num_workers=1", "--set", "data.shuffle_buffer=500", *[a for s in sets for a in ("--set", s)]]
@@ -144,9 +148,11 @@ def trainer(config: str, data: Path, out: Path, ranks: int, micro: int, steps: i
         raise RuntimeError(f"trainer failed:\n{(result.stdout + result.stderr)[-4000:]}")
     events = EventAccumulator(str(out / "tensorboard"))
     events.Reload()
-    values = {tag: [e.value for e in events.Scalars(tag)][3:] for tag in ("perf/step_s", "perf/data_wait_s", "perf/compute_s")}
+    values = {tag: [e.value for e in events.Scalars(tag)][3:]
+              for tag in ("perf/step_s", "perf/data_wait_s", "perf/compute_s")}
     step = statistics.median(values["perf/step_s"])
-    return {"samples_per_s": micro * ranks / step, "step_s": step, "data_wait_s": statistics.median(values["perf/data_wait_s"]),
+    return {"samples_per_s": micro * ranks / step, "step_s": step,
+            "data_wait_s": statistics.median(values["perf/data_wait_s"]),
             "compute_s": statistics.median(values["perf/compute_s"]), "min_compute_s": min(values["perf/compute_s"])}
 
 
@@ -162,7 +168,8 @@ def main() -> None:
     args = parser.parse_args()
     cuda = torch.cuda.is_available()
     torch.set_num_threads(args.threads)
-    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads),
+           "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
     if not cuda:
         env["DS_ACCELERATOR"] = "cpu"
     results: dict = {"machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
@@ -230,7 +237,8 @@ def bench_gpu(args, tmp: Path, env: dict) -> dict:
         row = trainer(f"vit_b16_{config}", data, tmp / f"gpu_{config}", torch.cuda.device_count(), args.gpu_batch,
                       args.steps, ["train.zero_stage=1", "data.num_workers=4"], env)
         if peak:
-            row["mfu"] = out[f"plain, {design}"]["train_flops_per_sample"] * row["samples_per_s"] / torch.cuda.device_count() / peak
+            row["mfu"] = (out[f"plain, {design}"]["train_flops_per_sample"] * row["samples_per_s"]
+                          / torch.cuda.device_count() / peak)
         out[f"trainer, {design}"] = row
     return out
 
@@ -239,19 +247,21 @@ def report(r: dict) -> None:
     print("\n## Results", json.dumps(r["machine"]))
     print("\ndata pipeline alone, samples/s:", r["data_samples_per_s"])
     base, base_min = r["plain_cpu"]["o2m (H=1)"]["step_s"], r["plain_cpu"]["o2m (H=1)"]["min_step_s"]
-    print("\n| plain PyTorch loop, tiny, CPU | step median (ms) | step min (ms) | samples/s | vs H=1 (median / min) | train GFLOP/sample |")
+    print("\n| plain PyTorch loop, tiny, CPU | step median (ms) | step min (ms) | samples/s | vs H=1 (median / min) | "
+          "train GFLOP/sample |")
     print("|---|---|---|---|---|---|")
     for design, row in r["plain_cpu"].items():
         print(f"| {design} | {row['step_s'] * 1e3:.1f} | {row['min_step_s'] * 1e3:.1f} | {row['samples_per_s']:.0f} | "
-              f"{row['step_s'] / base - 1:+.1%} / {row['min_step_s'] / base_min - 1:+.1%} | {row['train_flops_per_sample'] / 1e9:.3f} |")
+              f"{row['step_s'] / base - 1:+.1%} / {row['min_step_s'] / base_min - 1:+.1%} | "
+              f"{row['train_flops_per_sample'] / 1e9:.3f} |")
     print("\n| trainer (DeepSpeed), tiny | samples/s | step (ms) | data wait (ms) | compute (ms) | compute min (ms) | "
           "vs plain loop with loader (median / min) |")
     print("|---|---|---|---|---|---|---|")
     for name, row in r["trainer"].items():
         design = name.split(", ", 1)[1]
         plain = r["plain_cpu_loader"][design]
-        overhead = f"{row['compute_s'] / plain['step_s'] - 1:+.1%} / {row['min_compute_s'] / plain['min_step_s'] - 1:+.1%}" \
-            if name.startswith("1 rank") else "n/a"
+        overhead = (f"{row['compute_s'] / plain['step_s'] - 1:+.1%} / "
+                    f"{row['min_compute_s'] / plain['min_step_s'] - 1:+.1%}" if name.startswith("1 rank") else "n/a")
         print(f"| {name} | {row['samples_per_s']:.0f} | {row['step_s'] * 1e3:.1f} | {row['data_wait_s'] * 1e3:.1f} | "
               f"{row['compute_s'] * 1e3:.1f} | {row['min_compute_s'] * 1e3:.1f} | {overhead} |")
     print("\n| plain loop + 1 loader worker, tiny | step median (ms) | step min (ms) |\n|---|---|---|")

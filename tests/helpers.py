@@ -13,7 +13,8 @@ from data_manifests import DatasetWriter, Sample, quality_flags, sha256_hex
 PROVENANCE = {
     "raw": {"kind": "alt_text", "source": "test"},
     "detail": {"kind": "caption", "captioner": {"name": "tiny", "model": "tests/tiny-vlm", "revision": "sha256:abc"},
-               "prompt": {"set": "default", "set_hash": "sha256:1", "id": "detail", "text": "Describe this image in detail."},
+               "prompt": {"set": "default", "set_hash": "sha256:1", "id": "detail",
+                          "text": "Describe this image in detail."},
                "sampling": {"temperature": 0.0, "max_tokens": 77}},
 }
 

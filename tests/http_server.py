@@ -69,7 +69,8 @@ def closed_port() -> int:
 
 
 class ImageServer:
-    def __init__(self, make_image: Callable[[str, str], bytes] = default_image, huge_size: tuple[int, int] = (3000, 2000)):
+    def __init__(self, make_image: Callable[[str, str], bytes] = default_image,
+                 huge_size: tuple[int, int] = (3000, 2000)):
         self.make_image = make_image
         self.huge_size = huge_size
         self.gate = threading.Event()

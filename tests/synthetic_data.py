@@ -36,8 +36,10 @@ FORMATS = (("jpg", "JPEG"), ("png", "PNG"), ("webp", "WEBP"))
 PROVENANCE = {
     "raw": {"kind": "alt_text", "source": "tests/synthetic_data.py"},
     **{
-        text_id: {"kind": "caption", "captioner": {"name": "synthetic", "model": "tests/synthetic_data.py", "revision": "1"},
-                  "prompt": {"set": "synthetic", "set_hash": "sha256:0", "id": text_id, "text": f"the {text_id} of the image"},
+        text_id: {"kind": "caption",
+                  "captioner": {"name": "synthetic", "model": "tests/synthetic_data.py", "revision": "1"},
+                  "prompt": {"set": "synthetic", "set_hash": "sha256:0", "id": text_id,
+                             "text": f"the {text_id} of the image"},
                   "sampling": {"temperature": 0.0, "max_tokens": 77}}
         for text_id in TEXT_IDS[1:]
     },

@@ -320,7 +320,8 @@ def small_disk(tmp_path):
     def mount(size_kib: int, *options: str) -> Path:
         where = tmp_path / f"disk{len(mounts)}"
         where.mkdir()
-        r = subprocess.run(["mount", "-t", "tmpfs", "-o", ",".join([f"size={size_kib}k", *options]), "tmpfs", str(where)],
+        r = subprocess.run(["mount", "-t", "tmpfs", "-o", ",".join([f"size={size_kib}k", *options]), "tmpfs",
+                            str(where)],
                            capture_output=True, text=True)
         if r.returncode != 0:
             pytest.skip(f"cannot mount a tmpfs here ({r.stderr.strip()}): a full disk cannot be made for real")
@@ -360,7 +361,8 @@ def test_full_disk_fails_clearly_keeps_finished_shards_and_a_rerun_finishes(ray_
 
 def test_read_only_output_is_refused_before_any_work(images, models, small_disk, tmp_path):
     disk = small_disk(1024, "ro")
-    config = write_config(tmp_path / "job.yaml", images, disk / "out", [captioner("tiny-qwen", models["qwen"], TWO_PROMPTS)])
+    config = write_config(tmp_path / "job.yaml", images, disk / "out",
+                          [captioner("tiny-qwen", models["qwen"], TWO_PROMPTS)])
     r = subprocess.run([sys.executable, "-m", "pipeline.caption", "--config", str(config), "--no-progress"],
                        capture_output=True, text=True, env={**os.environ, **ENV}, cwd=ROOT, timeout=300)
     assert r.returncode == 2, r.stdout + r.stderr

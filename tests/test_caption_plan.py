@@ -42,13 +42,18 @@ def base(images, tmp_path, model_dir, **cap):
 @pytest.mark.parametrize("mutate,message", [
     (lambda d: d.pop("input"), r"input: missing"),
     (lambda d: d.update(inptu="x"), r"inptu: unknown key"),
-    (lambda d: d["captioners"][0].update(engine={"max_modle_len": 4}), r"captioners\[0\]\.engine\.max_modle_len: not a vLLM engine argument"),
-    (lambda d: d["captioners"][0].update(sampling={"temprature": 0}), r"captioners\[0\]\.sampling\.temprature: unknown key"),
-    (lambda d: d["captioners"][0].update(prompts={"set": "default", "ids": ["nope"]}), r"captioners\[0\]\.prompts: .*no prompt with id 'nope'"),
+    (lambda d: d["captioners"][0].update(engine={"max_modle_len": 4}),
+     r"captioners\[0\]\.engine\.max_modle_len: not a vLLM engine argument"),
+    (lambda d: d["captioners"][0].update(sampling={"temprature": 0}),
+     r"captioners\[0\]\.sampling\.temprature: unknown key"),
+    (lambda d: d["captioners"][0].update(prompts={"set": "default", "ids": ["nope"]}),
+     r"captioners\[0\]\.prompts: .*no prompt with id 'nope'"),
     (lambda d: d["captioners"][0].update(type="tgi"), r"captioners\[0\]\.type: 'tgi' is not one of"),
     (lambda d: d["captioners"][0].update(replicas=0), r"captioners\[0\]\.replicas: must be at least 1"),
-    (lambda d: d["captioners"][0].update(endpoints=["http://x"]), r"captioners\[0\]\.endpoints: only for captioners of type openai"),
-    (lambda d: d["captioners"][0].update(model="/no/such/model"), r"captioners\[0\]\.model: '/no/such/model' is not a directory"),
+    (lambda d: d["captioners"][0].update(endpoints=["http://x"]),
+     r"captioners\[0\]\.endpoints: only for captioners of type openai"),
+    (lambda d: d["captioners"][0].update(model="/no/such/model"),
+     r"captioners\[0\]\.model: '/no/such/model' is not a directory"),
     (lambda d: d["captioners"].append(dict(d["captioners"][0])), r"captioners\[1\]\.name: duplicate captioner name"),
     (lambda d: d.update(captioners=[{**d["captioners"][0], "text_id_prefix": "none"},
                                     {**d["captioners"][0], "name": "b", "text_id_prefix": "none"}]),
@@ -59,7 +64,8 @@ def base(images, tmp_path, model_dir, **cap):
      r"^job\.yaml: captioners\[0\]\.resources\.num_gpu: unknown key \(known here: num_cpus, num_gpus, custom\) "
      r"\(did you mean 'num_gpus'\?\)$"),
     (lambda d: d["captioners"][0].update(engine={"max_modle_len": 4}), r"\(did you mean 'max_model_len'\?\)$"),
-    (lambda d: d["captioners"][0].update(sampling={"seed": "0"}), r"captioners\[0\]\.sampling\.seed: expected a number, got '0'"),
+    (lambda d: d["captioners"][0].update(sampling={"seed": "0"}),
+     r"captioners\[0\]\.sampling\.seed: expected a number, got '0'"),
     (lambda d: d["captioners"][0].update(scheduling="packed"),
      r"captioners\[0\]\.scheduling: must be one of \['spread', 'pack'\], got 'packed'"),
 ])
@@ -92,14 +98,16 @@ def test_text_ids_by_captioner_count(images, tmp_path, model_dir):
 
 
 def test_shipped_configs_validate():
-    for path in [*sorted((ROOT / "pipeline" / "caption" / "configs").glob("*.yaml")), ROOT / "demo" / "configs" / "caption_cpu.yaml"]:
+    for path in [*sorted((ROOT / "pipeline" / "caption" / "configs").glob("*.yaml")),
+                 ROOT / "demo" / "configs" / "caption_cpu.yaml"]:
         data = yaml.safe_load(path.read_text())
         for cap in data["captioners"]:
             # Hub models are not in this machine's cache; a local dir stands in for validation.
             if not cap["model"].startswith(("..", "/")):
                 continue
             # A local model named relative to the config must land in the repository's runs/.
-            assert Path(cap["model"]).is_absolute() or (path.parent / cap["model"]).resolve().is_relative_to(ROOT / "runs")
+            assert (Path(cap["model"]).is_absolute()
+                    or (path.parent / cap["model"]).resolve().is_relative_to(ROOT / "runs"))
             cap["model"] = str(ROOT)
         cfg = parse_config(data, str(path), base_dir=path.parent)
         for key in ("input", "output"):
@@ -155,7 +163,8 @@ def test_plan_resume_increment_and_overwrite(images, tmp_path, model_dir):
 def test_merge_keeps_other_texts_and_replaces_errors():
     s = Sample("k", b"x", "jpg", texts={"raw": "r", "detail": "old"}, flags={"detail": ["truncated"]},
                errors={"style": "image could not be decoded"})
-    merge_sample(s, [ShardResult(texts={"k": {"detail": "new", "style": "calm"}}, flags={"k": {"style": ["repetition"]}}),
+    merge_sample(s, [ShardResult(texts={"k": {"detail": "new", "style": "calm"}},
+                                 flags={"k": {"style": ["repetition"]}}),
                      ShardResult(errors={"k": {"llava/detail": "request rejected: too long"}})])
     assert s.texts == {"raw": "r", "detail": "new", "style": "calm"}
     assert s.flags == {"style": ["repetition"]} and s.errors == {"llava/detail": "request rejected: too long"}

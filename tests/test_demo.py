@@ -33,7 +33,8 @@ pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 STEPS = 12  # the demo checkpoints every STEPS // 3 steps
-SMALL = ["--scenes", "96", "--shard-size", "16", "--test-shards", "2", "--steps", str(STEPS), "--runs", "o2o,holistic-ref"]
+SMALL = ["--scenes", "96", "--shard-size", "16", "--test-shards", "2", "--steps", str(STEPS),
+         "--runs", "o2o,holistic-ref"]
 RESUME_TOLERANCE = 1e-5  # as tests/test_train_launch.py: a resumed run logs the same losses
 TIMEOUT = 900
 

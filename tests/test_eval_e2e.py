@@ -55,7 +55,8 @@ STEPS = 150
 # ----------------------------------------------------------------------------- fixtures
 
 
-def train_and_export(out: Path, data: Path, *, branch: str, h: int, text_ids: list[str], steps: int, seed: int = 0) -> Path:
+def train_and_export(out: Path, data: Path, *, branch: str, h: int, text_ids: list[str], steps: int,
+                     seed: int = 0) -> Path:
     """Train the tiny model on `data` (seeded random batches of 32) and export it to `out`; steps=0: untrained."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the test machine is small and shared; one thread is faster there
@@ -71,7 +72,8 @@ def train_and_export(out: Path, data: Path, *, branch: str, h: int, text_ids: li
             strings = sorted({s.texts[t] for s in samples for t in text_ids})
             table = dict(zip(strings, tokenizer(strings)))
             tokens = torch.stack([torch.stack([table[s.texts[t]] for t in text_ids]) for s in samples])
-            tokens = tokens[..., : int((tokens != 0).sum(-1).max())]  # causal text tower: trailing padding is free to drop
+            # Causal text tower: trailing padding is free to drop.
+            tokens = tokens[..., : int((tokens != 0).sum(-1).max())]
             loss_fn = MultiTextContrastiveLoss(mode)
             optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.0)
             generator = torch.Generator().manual_seed(seed)
@@ -102,7 +104,8 @@ def eval_data(work) -> Path:
 
 @pytest.fixture(scope="module")
 def m2m_untrained(work) -> Path:
-    return train_and_export(work / "runs" / "m2m_untrained" / "export", Path(), branch="cls", h=3, text_ids=M2M_TEXT_IDS, steps=0)
+    return train_and_export(work / "runs" / "m2m_untrained" / "export", Path(), branch="cls", h=3,
+                            text_ids=M2M_TEXT_IDS, steps=0)
 
 
 @pytest.fixture(scope="module")
@@ -112,12 +115,14 @@ def train_data(work) -> Path:
 
 @pytest.fixture(scope="module")
 def m2m(work, train_data) -> Path:
-    return train_and_export(work / "runs" / "m2m" / "export", train_data, branch="cls", h=3, text_ids=M2M_TEXT_IDS, steps=STEPS)
+    return train_and_export(work / "runs" / "m2m" / "export", train_data, branch="cls", h=3,
+                            text_ids=M2M_TEXT_IDS, steps=STEPS)
 
 
 @pytest.fixture(scope="module")
 def o2o(work, train_data) -> Path:
-    return train_and_export(work / "runs" / "o2o" / "export", train_data, branch="none", h=1, text_ids=["raw"], steps=100)
+    return train_and_export(work / "runs" / "o2o" / "export", train_data, branch="none", h=1,
+                            text_ids=["raw"], steps=100)
 
 
 def run(capsys, *argv: str) -> tuple[int, str, str]:
@@ -136,7 +141,8 @@ def records(path: Path) -> list[dict]:
 def test_trained_model_beats_chance_and_untrained_does_not(capsys, m2m, m2m_untrained, eval_data, work):
     got = {}
     for name, ckpt in (("trained", m2m), ("untrained", m2m_untrained)):
-        code, out, err = run(capsys, "retrieval", "--checkpoint", ckpt, "--data", eval_data, "--results", work / f"{name}.jsonl")
+        code, out, err = run(capsys, "retrieval", "--checkpoint", ckpt, "--data", eval_data,
+                             "--results", work / f"{name}.jsonl")
         assert code == 0, err
         got[name] = records(work / f"{name}.jsonl")[0]["metrics"]
     print(json.dumps(got, indent=1))
@@ -162,7 +168,8 @@ def test_m2m_tables_json_heatmap_and_results_file(capsys, m2m, eval_data, work):
     assert [r["fusion"]["method"] for r in lines] == ["average", "max", "norm-max"]
     record = json.loads((out_dir / "retrieval-synthetic-7-average.json").read_text())
     assert record == lines[0]
-    assert record["checkpoint"]["config"]["model"]["num_branches"] == 3 and record["checkpoint"]["label"] == "m2m cls H=3"
+    assert (record["checkpoint"]["config"]["model"]["num_branches"] == 3
+            and record["checkpoint"]["label"] == "m2m cls H=3")
     assert record["data"]["dataset_id"] == "synthetic-7" and record["data"]["images"] == 64
     assert record["data"]["text_ids"] == ["raw", "detail", "background", "main_object", "style"]
     assert record["metrics"]["style"]["captions"] == 64 - 8  # every 9th sample has no style text
@@ -178,7 +185,8 @@ def test_m2m_tables_json_heatmap_and_results_file(capsys, m2m, eval_data, work):
         assert png.format == "PNG" and png.width > 400 and png.height > 150
 
     # Appending again adds lines, never rewrites; compare puts the runs side by side.
-    code, _, err = run(capsys, "retrieval", "--checkpoint", m2m, "--data", eval_data, "--out", out_dir, "--branches", "background")
+    code, _, err = run(capsys, "retrieval", "--checkpoint", m2m, "--data", eval_data, "--out", out_dir,
+                       "--branches", "background")
     assert code == 0, err
     lines = records(results)
     assert len(lines) == 4 and lines[-1]["fusion"] == {"method": "average", "label": "average[1]", "branches": [1],
@@ -228,16 +236,19 @@ def colour_dataset(root: Path, per_colour: int = 8, seed: int = 3, labels: str =
         with wds.TarWriter(str(root / "00000.tar")) as sink:
             for i in range(per_colour * len(colours)):
                 buf = io.BytesIO()
-                draw(rng.choice(SHAPES), colours[i % 4], rng.choice(list(BACKGROUNDS)), "top left", 32, rng).save(buf, "PNG")
+                draw(rng.choice(SHAPES), colours[i % 4], rng.choice(list(BACKGROUNDS)),
+                     "top left", 32, rng).save(buf, "PNG")
                 sink.write({"__key__": f"k{i:04d}", "png": buf.getvalue(), "cls": str(i % 4).encode()})
         return root
     writer = DatasetWriter(root, stage="test", dataset_id=f"colours-{labels}", flush_every_s=0)
     samples = []
     for i in range(per_colour * len(colours)):
         buf = io.BytesIO()
-        draw(rng.choice(SHAPES), colours[i % 4], rng.choice(list(BACKGROUNDS)), "bottom right", 32, rng).save(buf, "PNG")
+        draw(rng.choice(SHAPES), colours[i % 4], rng.choice(list(BACKGROUNDS)),
+             "bottom right", 32, rng).save(buf, "PNG")
         label = i % 4 if labels == "index" else colours[i % 4]
-        samples.append(Sample(key=f"c{i:04d}", image=buf.getvalue(), image_ext="png", texts={"raw": f"{colours[i % 4]} shape"},
+        samples.append(Sample(key=f"c{i:04d}", image=buf.getvalue(), image_ext="png",
+                              texts={"raw": f"{colours[i % 4]} shape"},
                               source={"sha256": sha256_hex(buf.getvalue()), "label": label}))
     writer.write_shard("00000.tar", samples)
     writer.finish()
@@ -263,10 +274,12 @@ def test_zeroshot_on_labelled_shards_and_image_folders(capsys, m2m, m2m_untraine
     rng = random.Random(5)
     for i in range(32):
         colour = list(COLOURS)[i % 4]
-        draw(rng.choice(SHAPES), colour, rng.choice(list(BACKGROUNDS)), "top right", 40, rng).save(folder / colour / f"{i}.jpg")
+        draw(rng.choice(SHAPES), colour, rng.choice(list(BACKGROUNDS)),
+             "top right", 40, rng).save(folder / colour / f"{i}.jpg")
 
     got = {}
-    for name, data, extra in (("cls", shards, ["--classnames", classnames]), ("named", named, []), ("folder", folder, [])):
+    for name, data, extra in (("cls", shards, ["--classnames", classnames]), ("named", named, []),
+                              ("folder", folder, [])):
         for ckpt in (m2m, m2m_untrained):
             results = work / f"zs-{name}-{ckpt.parent.name}.jsonl"
             code, out, err = run(capsys, "zeroshot", "--checkpoint", ckpt, "--data", data, "--templates", templates,
@@ -281,7 +294,8 @@ def test_zeroshot_on_labelled_shards_and_image_folders(capsys, m2m, m2m_untraine
         assert trained["top1"] > 0.6 and untrained["top1"] < 0.5, (name, trained, untrained)
         assert trained["per_branch"][0]["text_id"] == "style" and trained["per_branch"][0]["top1"] > 0.6
     assert got["cls", "m2m"]["classnames"] == str(classnames)
-    assert got["named", "m2m"]["classnames"] == "the labels found" and got["folder", "m2m"]["classnames"] == "the folder names"
+    assert (got["named", "m2m"]["classnames"] == "the labels found"
+            and got["folder", "m2m"]["classnames"] == "the folder names")
 
 
 def test_zeroshot_default_imagenet_names(capsys, o2o, work):
@@ -296,7 +310,8 @@ def test_zeroshot_default_imagenet_names(capsys, o2o, work):
     assert code == 0, err
     record = records(results)[0]
     metrics = record["metrics"]
-    assert metrics["classes"] == 1000 and metrics["templates"] == 1 and metrics["classnames"].endswith("imagenet_classnames.txt")
+    assert (metrics["classes"] == 1000 and metrics["templates"] == 1
+            and metrics["classnames"].endswith("imagenet_classnames.txt"))
     assert set(metrics) >= {"top1", "top5"} and metrics["per_branch"] == []  # one branch: nothing to break down
     assert record["data"]["images"] == 5 and record["data"]["dataset_id"] == "colours-index"
 
@@ -356,27 +371,36 @@ def bad_inputs(work, o2o, colour_files) -> dict[str, Path]:
 BAD = {
     # name: (argv with placeholders, fragments the one-line error must hold)
     "weights of another model size": (["retrieval", "--checkpoint", "{other_size}", "--data", "{eval_data}"],
-                                      ["model.safetensors", "not of the model size config.json describes", "image_size 64", "vision_width 128"]),
+                                      ["model.safetensors", "not of the model size config.json describes",
+                                       "image_size 64", "vision_width 128"]),
     "invalid config.json": (["retrieval", "--checkpoint", "{invalid_config}", "--data", "{eval_data}"],
                             ["config.json", "not a valid export", "tree"]),
-    "no checkpoint": (["retrieval", "--checkpoint", "{empty_dir}", "--data", "{eval_data}"], ["empty_dir", "no config.json"]),
-    "label beyond the class names": (["zeroshot", "--checkpoint", "{o2o}", "--data", "{cls_shards}", "--classnames", "{three_names}"],
+    "no checkpoint": (["retrieval", "--checkpoint", "{empty_dir}", "--data", "{eval_data}"],
+                      ["empty_dir", "no config.json"]),
+    "label beyond the class names": (["zeroshot", "--checkpoint", "{o2o}", "--data", "{cls_shards}",
+                                      "--classnames", "{three_names}"],
                                      ["three.txt", "label 3", "3 class names", "--classnames"]),
-    "labels that are not class names": (["zeroshot", "--checkpoint", "{o2o}", "--data", "{named_shards}", "--classnames", "{other_names}"],
+    "labels that are not class names": (["zeroshot", "--checkpoint", "{o2o}", "--data", "{named_shards}",
+                                         "--classnames", "{other_names}"],
                                         ["other_names.txt", "'red'", "not one of its 4 class names"]),
-    "class folders that do not match": (["zeroshot", "--checkpoint", "{o2o}", "--data", "{folders}", "--classnames", "{three_names}"],
+    "class folders that do not match": (["zeroshot", "--checkpoint", "{o2o}", "--data", "{folders}",
+                                         "--classnames", "{three_names}"],
                                         ["three.txt", "3 class names for 2 class folders"]),
-    "template without a slot": (["zeroshot", "--checkpoint", "{o2o}", "--data", "{folders}", "--templates", "{no_slot}"],
+    "template without a slot": (["zeroshot", "--checkpoint", "{o2o}", "--data", "{folders}",
+                                 "--templates", "{no_slot}"],
                                 ["templates.txt:2", "has no '{}'"]),
-    "empty retrieval set": (["retrieval", "--checkpoint", "{o2o}", "--data", "{empty_ds}"], ["empty_ds", "evaluation set is empty"]),
-    "empty zero-shot set": (["zeroshot", "--checkpoint", "{o2o}", "--data", "{empty_dir}"], ["empty_dir", "no .tar shards and no class folders"]),
+    "empty retrieval set": (["retrieval", "--checkpoint", "{o2o}", "--data", "{empty_ds}"],
+                            ["empty_ds", "evaluation set is empty"]),
+    "empty zero-shot set": (["zeroshot", "--checkpoint", "{o2o}", "--data", "{empty_dir}"],
+                            ["empty_dir", "no .tar shards and no class folders"]),
     "retrieval data without manifest": (["retrieval", "--checkpoint", "{o2o}", "--data", "{no_manifest}"],
                                         ["manifest.json", "holiclip-manifest index"]),
     "unknown text id": (["retrieval", "--checkpoint", "{o2o}", "--data", "{eval_data}", "--text-ids", "raw", "caption"],
                         ["manifest.json", "'caption'", "it has raw, detail"]),
     "branch that does not exist": (["retrieval", "--checkpoint", "{o2o}", "--data", "{eval_data}", "--branches", "1"],
                                    ["branch 1 does not exist", "has 1"]),
-    "unknown fusion": (["retrieval", "--checkpoint", "{o2o}", "--data", "{eval_data}", "--fusion", "mean"], ["'mean'", "norm-max"]),
+    "unknown fusion": (["retrieval", "--checkpoint", "{o2o}", "--data", "{eval_data}", "--fusion", "mean"],
+                       ["'mean'", "norm-max"]),
 }
 
 
@@ -401,7 +425,8 @@ def test_the_real_command_line(o2o, eval_data, bad_inputs, work):
                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert ok.returncode == 0, ok.stderr
     record = json.loads(ok.stdout)
-    assert record["task"] == "retrieval" and list(record["metrics"]) == ["raw"] and record["data"]["dataset_id"] == "synthetic-7"
+    assert (record["task"] == "retrieval" and list(record["metrics"]) == ["raw"]
+            and record["data"]["dataset_id"] == "synthetic-7")
     bad = subprocess.run([sys.executable, "-m", "eval", "retrieval", "--checkpoint", str(bad_inputs["other_size"]),
                           "--data", str(eval_data)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "Traceback" not in bad.stderr and bad.stderr.count("\n") == 1, bad.stderr
@@ -422,11 +447,13 @@ def test_undecodable_images_are_skipped_and_reported(capsys, o2o, work):
     writer.write_shard("00000.tar", [*good[:2], broken, *good[2:]])
     writer.finish()
     results = work / "broken.jsonl"
-    code, out, err = run(capsys, "retrieval", "--checkpoint", o2o, "--data", root, "--results", results, "--out", work / "broken_out")
+    code, out, err = run(capsys, "retrieval", "--checkpoint", o2o, "--data", root, "--results", results,
+                         "--out", work / "broken_out")
     assert code == 0, err
     assert "1 samples skipped" in err and "bad: image does not decode" in err
     record = records(results)[0]
-    assert record["data"]["images"] == 4 and record["data"]["skipped"] == 1 and record["metrics"]["raw"]["captions"] == 4
+    assert (record["data"]["images"] == 4 and record["data"]["skipped"] == 1
+            and record["metrics"]["raw"]["captions"] == 4)
     assert "1 skipped" in out
 
 

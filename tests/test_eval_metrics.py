@@ -50,7 +50,8 @@ def test_a_tie_with_a_negative_counts_against_the_query():
     # Row 2: a collapsed model (all scores equal) puts the positive last.
     assert ranks(scores, positives).tolist() == [1, 0, 2]
     assert topk_accuracy(torch.tensor([[1.0, 1.0, 0.0]]), torch.tensor([1]), ks=(1, 2)) == {1: 0.0, 2: 1.0}
-    assert topk_accuracy(torch.tensor([[0.1, 0.9, 0.5], [0.8, 0.1, 0.5]]), torch.tensor([1, 2]), ks=(1, 2)) == {1: 0.5, 2: 1.0}
+    assert topk_accuracy(torch.tensor([[0.1, 0.9, 0.5], [0.8, 0.1, 0.5]]), torch.tensor([1, 2]),
+                         ks=(1, 2)) == {1: 0.5, 2: 1.0}
 
 
 def test_every_query_needs_a_positive():
@@ -142,13 +143,15 @@ def test_fusion_methods_by_hand():
     assert torch.allclose(Scorer(image, text, Fusion("average", (1,))).scores(), torch.tensor([[0.8, 0.0]]))
     # Average of branch scores = score of the (unrenormalised) mean branch embedding, as in docs/method.md#5-inference.
     g = torch.Generator().manual_seed(0)
-    image, text = F.normalize(torch.randn(7, 3, 5, generator=g), dim=-1), F.normalize(torch.randn(9, 5, generator=g), dim=-1)
+    image, text = (F.normalize(torch.randn(7, 3, 5, generator=g), dim=-1),
+                   F.normalize(torch.randn(9, 5, generator=g), dim=-1))
     assert torch.allclose(Scorer(image, text, Fusion()).scores(), image.mean(1) @ text.T, atol=1e-6)
 
 
 def test_norm_max_statistics_are_those_of_the_whole_matrix():
     g = torch.Generator().manual_seed(0)
-    image, text = F.normalize(torch.randn(11, 3, 4, generator=g), dim=-1), F.normalize(torch.randn(6, 4, generator=g), dim=-1)
+    image, text = (F.normalize(torch.randn(11, 3, 4, generator=g), dim=-1),
+                   F.normalize(torch.randn(6, 4, generator=g), dim=-1))
     weights = torch.tensor([1, 2, 1, 3, 1, 1])
     per_branch = torch.einsum("nhd,md->hnm", image, text)
     mean, std = branch_score_stats(image, text)
@@ -158,13 +161,15 @@ def test_norm_max_statistics_are_those_of_the_whole_matrix():
     mean, std = branch_score_stats(image, text, weights)
     assert torch.allclose(mean, repeated.mean(dim=(1, 2)), atol=1e-6)
     assert torch.allclose(std, repeated.flatten(1).std(dim=1, unbiased=False), atol=1e-6)
-    z = (per_branch - per_branch.mean(dim=(1, 2), keepdim=True)) / per_branch.flatten(1).std(dim=1, unbiased=False)[:, None, None]
+    z = ((per_branch - per_branch.mean(dim=(1, 2), keepdim=True))
+         / per_branch.flatten(1).std(dim=1, unbiased=False)[:, None, None])
     assert torch.allclose(Scorer(image, text, Fusion("norm-max")).scores(), z.amax(dim=0), atol=1e-5)
 
 
 def test_one_branch_ranks_the_same_with_every_fusion():
     g = torch.Generator().manual_seed(2)
-    image, text = F.normalize(torch.randn(30, 1, 8, generator=g), dim=-1), F.normalize(torch.randn(30, 8, generator=g), dim=-1)
+    image, text = (F.normalize(torch.randn(30, 1, 8, generator=g), dim=-1),
+                   F.normalize(torch.randn(30, 8, generator=g), dim=-1))
     results = [retrieval_recalls(image, text, *one_caption_each(30), Fusion(m)) for m in ("average", "max", "norm-max")]
     assert results[0] == results[1] == results[2]
 

@@ -79,7 +79,8 @@ def per_url_outcomes(out: Path) -> dict[str, tuple[str, str | None]]:
     outcomes: dict[str, tuple[str, str | None]] = {}
     rows = []
     for p in sorted((out / "_ingest" / "img2dataset").glob("*.parquet")):
-        rows += [(r["url"], r["status"], r["error_message"]) for r in pq.read_table(p, columns=["url", "status", "error_message"]).to_pylist()]
+        rows += [(r["url"], r["status"], r["error_message"])
+                 for r in pq.read_table(p, columns=["url", "status", "error_message"]).to_pylist()]
     refused = out / "_ingest" / "refused.parquet"
     if refused.exists():
         rows += [(r["url"], "refused", r["reason"]) for r in pq.read_table(refused).to_pylist()]
@@ -158,13 +159,15 @@ def test_500_mixed_urls_ingest_completely_with_reasons(mixed_500, server):
         if row["kind"] == "good":
             assert status == "success", (row, error)
         else:
-            assert status != "success" and re.search(EXPECTED_ERROR[row["kind"]], error or "", re.S), (row, status, error)
+            assert (status != "success"
+                    and re.search(EXPECTED_ERROR[row["kind"]], error or "", re.S)), (row, status, error)
     # The manifest's reasons are the per-URL reasons, counted.
     expected = Counter(reason_of(err) for status, err in outcomes.values() if status not in ("success",))
     assert m.run["ingest"]["failures"] == dict(expected)
     assert m.run["ingest"]["failures"]["scheme not allowed"] == len(refused)
     assert m.run["ingest"]["failures"]["image area too large"] == 8  # huge and bomb, refused from their headers
-    assert m.run["ingest"]["source"]["sha256"] == hashlib.sha256(Path(m.run["ingest"]["source"]["path"]).read_bytes()).hexdigest()
+    assert (m.run["ingest"]["source"]["sha256"]
+            == hashlib.sha256(Path(m.run["ingest"]["source"]["path"]).read_bytes()).hexdigest())
     for entry in m.shards.values():
         stats = entry.info["img2dataset"]
         assert entry.samples == stats["successes"] and entry.failed_samples == stats["count"] - stats["successes"]
@@ -293,8 +296,8 @@ def test_ray_job_submit_with_ray_distributor(ray_cluster, server, tmp_path):
                             for i, r in enumerate(rows)))
     out = tmp_path / "out"
     r = ray_cluster.submit("python", "-m", "pipeline.ingest", "--urls", str(urls), "--out", str(out),
-                           "--caption-col", "text", "--keep-columns", "uid", "--distributor", "ray", "--shard-size", "20",
-                           "--allow-any-scheme", *map(str, COMMON), timeout=600)
+                           "--caption-col", "text", "--keep-columns", "uid", "--distributor", "ray",
+                           "--shard-size", "20", "--allow-any-scheme", *map(str, COMMON), timeout=600)
     assert r.returncode == 0, explain(r)
     m = load_manifest(out)
     assert m.status == COMPLETE and m.num_samples == 51 and m.counts()["shards"] == 3
@@ -349,21 +352,26 @@ def _write_parquet(path: Path, table: pa.Table) -> Path:
 
 
 BAD_LISTS = {
-    "missing url column": ("list.csv", "link,caption\nhttp://127.0.0.1/a.jpg,a\n", [], r"no column 'url' \(columns: link, caption\).*--url-col"),
-    "missing caption column": ("list.csv", "url,text\nhttp://127.0.0.1/a.jpg,a\n", [], r"no column 'caption'.*--caption-col"),
+    "missing url column": ("list.csv", "link,caption\nhttp://127.0.0.1/a.jpg,a\n", [],
+                           r"no column 'url' \(columns: link, caption\).*--url-col"),
+    "missing caption column": ("list.csv", "url,text\nhttp://127.0.0.1/a.jpg,a\n", [],
+                               r"no column 'caption'.*--caption-col"),
     "empty file": ("list.csv", "", [], r"the file is empty"),
     "empty parquet file": ("list.parquet", "", [], r"the file is empty"),
     "gzip of nothing": ("list.csv.gz", gzip.compress(b""), [], r"the file is empty"),
     "header only": ("list.tsv", "url\tcaption\n", [], r"has no rows"),
-    "empty parquet": ("list.parquet", pa.table({"url": pa.array([], pa.string()), "caption": pa.array([], pa.string())}), [], r"has no rows"),
-    "url column of numbers": ("list.parquet", pa.table({"url": [1, 2], "caption": ["a", "b"]}), [], r"column 'url' holds int64"),
+    "empty parquet": ("list.parquet", pa.table({"url": pa.array([], pa.string()),
+                                                "caption": pa.array([], pa.string())}), [], r"has no rows"),
+    "url column of numbers": ("list.parquet", pa.table({"url": [1, 2], "caption": ["a", "b"]}), [],
+                              r"column 'url' holds int64"),
     "csv named parquet": ("list.parquet", "url,caption\nhttp://127.0.0.1/a.jpg,a\n", [], r"cannot read it as parquet"),
     "unknown extension": ("list.xlsx", "url,caption\n", [], r"cannot tell the format.*--input-format"),
     "not json lines": ("list.jsonl", "url,caption\nhttp://127.0.0.1/a.jpg,a\n", [], r"cannot read it as jsonl"),
     "no such file": (None, None, [], r"no such file"),
-    "reserved kept column": ("list.csv", "url,caption,status\nhttp://127.0.0.1/a.jpg,a,x\n", ["--keep-columns", "status"],
-                             r"--keep-columns: status"),
-    "bad option value": ("list.csv", "url,caption\nhttp://127.0.0.1/a.jpg,a\n", ["--shard-size", "0"], r"--shard-size: must be at least 1, got 0"),
+    "reserved kept column": ("list.csv", "url,caption,status\nhttp://127.0.0.1/a.jpg,a,x\n",
+                             ["--keep-columns", "status"], r"--keep-columns: status"),
+    "bad option value": ("list.csv", "url,caption\nhttp://127.0.0.1/a.jpg,a\n", ["--shard-size", "0"],
+                         r"--shard-size: must be at least 1, got 0"),
 }
 
 
@@ -408,9 +416,9 @@ def test_second_ingest_into_the_same_directory_is_refused(tmp_path, capsys):
 def test_help_explains_the_command():
     r = ingest("--help")
     assert r.returncode == 0
-    for option in ("--urls", "--from-webdataset", "--from-folder", "--out", "--url-col", "--caption-col", "--image-size",
-                   "--resize-mode", "--processes", "--threads", "--shard-size", "--distributor", "--allow-any-scheme",
-                   "ray job submit", "Exit status"):
+    for option in ("--urls", "--from-webdataset", "--from-folder", "--out", "--url-col", "--caption-col",
+                   "--image-size", "--resize-mode", "--processes", "--threads", "--shard-size", "--distributor",
+                   "--allow-any-scheme", "ray job submit", "Exit status"):
         assert option in r.stdout, option
 
 
@@ -421,7 +429,8 @@ def img2dataset_output(server, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("plain")
     rows = mixed_rows(server, good=25, bad_each=0, seed=4) + [
         {"url": server.bad_url("http_404", "p"), "caption": "gone", "kind": "http_404"}]
-    pq.write_table(pa.table({"url": [r["url"] for r in rows], "caption": [r["caption"] for r in rows]}), tmp / "l.parquet")
+    pq.write_table(pa.table({"url": [r["url"] for r in rows], "caption": [r["caption"] for r in rows]}),
+                   tmp / "l.parquet")
     code = ("import img2dataset; img2dataset.download(url_list='l.parquet', input_format='parquet', url_col='url', "
             "caption_col='caption', output_folder='out', output_format='webdataset', processes_count=1, "
             "thread_count=8, number_sample_per_shard=10, image_size=64, resize_mode='keep_ratio_largest', "
@@ -463,7 +472,8 @@ def test_conforming_shards_are_indexed_in_place_without_copying(mixed_500, tmp_p
     assert {p.name: (p.stat().st_ino, p.stat().st_mtime_ns, p.read_bytes()) for p in src.glob("*.tar")} == tars
     m = load_manifest(src)
     assert m.status == COMPLETE and m.run["ingest"]["shards_by_method"] == {"indexed in place": 5}
-    assert {n: e.sha256 for n, e in m.shards.items()} == {n: e.sha256 for n, e in load_manifest(ingested).shards.items()}
+    assert ({n: e.sha256 for n, e in m.shards.items()}
+            == {n: e.sha256 for n, e in load_manifest(ingested).shards.items()})
     assert verify_dataset(src).ok
     # Into another directory on the same file system: hard links, still no copy.
     out = tmp_path / "linked"
@@ -482,25 +492,30 @@ def test_generic_webdataset_is_converted_with_failures_recorded(tmp_path):
     src = tmp_path / "generic"
     src.mkdir()
     write_raw_tar(src / "a.tar", [("s1.jpg", _img("JPEG")), ("s1.caption", b"first caption"),
-                         ("s2.png", _img("PNG")), ("s2.json", json.dumps({"caption": "second", "license": "cc-by"}).encode()),
+                         ("s2.png", _img("PNG")),
+                         ("s2.json", json.dumps({"caption": "second", "license": "cc-by"}).encode()),
                          ("s3.gif", _img("GIF")), ("s3.caption", b"a gif"),
                          ("s4.jpg", b"\xff\xd8\xff\xe0 not really a jpeg"), ("s4.caption", b"broken")])
-    write_raw_tar(src / "b.tar", [("dir/odd key.jpg", _img("JPEG", color=(1, 2, 3))), ("dir/odd key.caption", b"odd key"),
+    write_raw_tar(src / "b.tar", [("dir/odd key.jpg", _img("JPEG", color=(1, 2, 3))),
+                         ("dir/odd key.caption", b"odd key"),
                          ("s5.jpg", _img("PNG")), ("s5.caption", b"png bytes named jpg")])
     out = tmp_path / "out"
     assert main(["--from-webdataset", str(src), "--out", str(out), "--caption-col", "caption", "--no-progress"]) == 0
     m = load_manifest(out)
     assert m.status == COMPLETE and m.num_samples == 5
     failures = m.run["ingest"]["failures"]
-    assert len(failures) == 1 and next(iter(failures)).startswith("image does not decode (") and sum(failures.values()) == 1
+    assert (len(failures) == 1 and next(iter(failures)).startswith("image does not decode (")
+            and sum(failures.values()) == 1)
     samples = {s.texts["raw"]: s for n in m.shards for s in ShardReader(out / n)}
     assert set(samples) == {"first caption", "second", "a gif", "odd key", "png bytes named jpg"}
     # A GIF is stored as PNG (as img2dataset re-encodes what it downloads), its format recorded.
     gif = samples["a gif"]
     assert gif.image_ext == "png" and Image.open(io.BytesIO(gif.image)).format == "PNG"
-    assert gif.source["original_format"] == "GIF" and gif.source["original_sha256"] == hashlib.sha256(_img("GIF")).hexdigest()
+    assert (gif.source["original_format"] == "GIF"
+            and gif.source["original_sha256"] == hashlib.sha256(_img("GIF")).hexdigest())
     assert samples["second"].source["license"] == "cc-by"
-    assert samples["odd key"].source["original_key"] == "odd key" and re.fullmatch(r"[A-Za-z0-9_-]+", samples["odd key"].key)
+    assert (samples["odd key"].source["original_key"] == "odd key"
+            and re.fullmatch(r"[A-Za-z0-9_-]+", samples["odd key"].key))
     assert samples["png bytes named jpg"].image_ext == "png"  # bytes kept, extension corrected
     assert verify_dataset(out, decode_images=True).ok
 

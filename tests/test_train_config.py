@@ -76,7 +76,8 @@ def test_defaults_and_overrides(tmp_path):
     (with_changes("model", branch="attention"), [], "model.branch: must be one of ['cls', 'mlp', 'none']"),
     (with_changes("train", precision="fp8"), [], "train.precision: must be one of"),
     (with_changes("train", zero_stage=4), [], "train.zero_stage: must be one of [0, 1, 2, 3]"),
-    (with_changes("train", global_batch_size=10), [], "train.global_batch_size (10) must be a multiple of train.micro_batch_size (4)"),
+    (with_changes("train", global_batch_size=10), [], "train.global_batch_size (10) must be a multiple of "
+                                                      "train.micro_batch_size (4)"),
     (with_changes("train", deepspeed={"bf16": {"enabled": True}}), [], "train.deepspeed: ['bf16'] are set by"),
     (with_changes("data", text_ids=["raw", "raw"]), [], "data.text_ids: ids must be distinct"),
     (with_changes("data", text_ids=["bad id"]), [], "data.text_ids: text id 'bad id' is not allowed"),
@@ -115,7 +116,8 @@ def test_deepspeed_config(tmp_path):
         "optim.grad_clip=1.0", "train.deepspeed={zero_optimization: {overlap_comm: true}}",
     ])
     ds = deepspeed_config(cfg, world_size=2)
-    assert (ds["train_batch_size"], ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]) == (32, 4, 4)
+    assert (ds["train_batch_size"], ds["train_micro_batch_size_per_gpu"],
+            ds["gradient_accumulation_steps"]) == (32, 4, 4)
     assert ds["zero_optimization"] == {"stage": 3, "overlap_comm": True}
     assert ds["gradient_clipping"] == 1.0 and not ds["bf16"]["enabled"] and not ds["fp16"]["enabled"]
     assert "optimizer" not in ds and ds["zero_allow_untested_optimizer"]  # torch's AdamW is passed in

@@ -84,7 +84,8 @@ def test_fallback_text_and_dropped_flags(tmp_path, tokenizer):
     image.save(buf, "PNG")
     samples = [
         Sample(key="a", image=buf.getvalue(), image_ext="png", texts={"raw": "red square"}),
-        Sample(key="b", image=buf.getvalue(), image_ext="png", texts={"raw": "red square", "style": "I'm sorry, I cannot"},
+        Sample(key="b", image=buf.getvalue(), image_ext="png",
+               texts={"raw": "red square", "style": "I'm sorry, I cannot"},
                flags={"style": ["refusal"]}),
         Sample(key="c", image=buf.getvalue(), image_ext="png", texts={"raw": "red square", "style": "warm red"}),
     ]
@@ -111,7 +112,8 @@ def test_corrupt_shards_in_the_middle_are_skipped_and_reported(dataset, tmp_path
         batches = take(stream(root, tokenizer, data, batch=6), 10)  # one pass: 24 + ~11 + 0 + 24 samples
     last = batches[-1]
     assert last["counts"]["corrupt_shards"] == 2 and last["counts"]["shards"] >= 2
-    assert any("00001.tar after" in p for p in last["problems"]) and any("00002.tar after 0 samples" in p for p in last["problems"])
+    assert (any("00001.tar after" in p for p in last["problems"])
+            and any("00002.tar after 0 samples" in p for p in last["problems"]))
     assert "skipped unreadable shard" in caplog.text
     keys = {k for b in batches for k in b["keys"]}
     first_of_truncated = {f"s{i:07d}" for i in range(24, 30)}
@@ -121,7 +123,8 @@ def test_corrupt_shards_in_the_middle_are_skipped_and_reported(dataset, tmp_path
 def test_stream_fails_clearly_when_nothing_is_usable(dataset, tmp_path, tokenizer):
     for i in range(2):
         add_garbage_shard(tmp_path, f"{i:05d}.tar")
-    s = MultiTextStream([str(tmp_path / "00000.tar"), str(tmp_path / "00001.tar")], section(dataset), tokenizer, SIZE, 2)
+    s = MultiTextStream([str(tmp_path / "00000.tar"), str(tmp_path / "00001.tar")],
+                        section(dataset), tokenizer, SIZE, 2)
     with pytest.raises(DataError, match="no readable samples"):
         take(s, 1)
 

@@ -38,7 +38,8 @@ def test_round_trip_layout_and_meta(tmp_path):
     loaded, tokenizer, meta = load_exported(out)
     assert meta["format"] == "holiclip-export/1" and meta["branch"] == "cls" and meta["num_branches"] == 3
     assert meta["text_ids"] == TEXT_IDS and meta["branch_text_ids"] == TEXT_IDS and meta["training"] == {"step": 7}
-    assert meta["tokenizer"] == {"name": "clip", "context_length": 32, "vocab_size": 49408, "text_pool": "argmax", "pad_token_id": 0}
+    assert meta["tokenizer"] == {"name": "clip", "context_length": 32, "vocab_size": 49408, "text_pool": "argmax",
+                                 "pad_token_id": 0}
     assert meta["preprocess"]["image_size"] == 32 and len(meta["preprocess"]["mean"]) == 3
     assert meta["probe_check"]["max_abs_diff"] < 1e-6
     assert not loaded.training and all(p.dtype == torch.float32 for p in loaded.parameters())
@@ -89,7 +90,8 @@ def test_hugging_face_tokenizer_travels_with_the_export(tmp_path):
     raw = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
     raw.pre_tokenizer = pre_tokenizers.Whitespace()
     raw.post_processor = TemplateProcessing(single="$A [SEP]", special_tokens=[("[SEP]", 2)])
-    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=raw, pad_token="[PAD]", unk_token="[UNK]", sep_token="[SEP]")
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=raw, pad_token="[PAD]", unk_token="[UNK]",
+                                                sep_token="[SEP]")
     fast.save_pretrained(tmp_path / "hf")
 
     tok = load_tokenizer(tmp_path / "hf", context_length=32)

@@ -64,7 +64,8 @@ RUNS = {
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory) -> Path:
-    root = make_synthetic_dataset(tmp_path_factory.mktemp("launch") / "ds", shards=8, per_shard=48, missing_style_every=10)
+    root = make_synthetic_dataset(tmp_path_factory.mktemp("launch") / "ds", shards=8, per_shard=48,
+                                  missing_style_every=10)
     add_truncated_shard(root, "00003.tar", source="00003.tar", keep=0.5)  # an interrupted copy, mid-stream
     return root
 
@@ -116,7 +117,8 @@ class Runs:
         if name not in self.done:
             config, stage, precision, sets = RUNS[name]
             out = self.root / name
-            output = ok(launch(config, out, self.dataset, sets=[f"train.zero_stage={stage}", f"train.precision={precision}", *sets]))
+            output = ok(launch(config, out, self.dataset,
+                               sets=[f"train.zero_stage={stage}", f"train.precision={precision}", *sets]))
             self.done[name] = (out, output)
         return self.done[name]
 
@@ -159,7 +161,8 @@ def test_training_run(runs, name, tmp_path):
     assert sorted(p.name for p in (run_dir / "checkpoints").glob("step*")) == ["step00000008", "step00000016"]
     model, tokenizer, meta = load_exported(run_dir / "export")
     h = 1 if config in ("tiny_o2o", "tiny_o2m") else 5
-    assert (meta["branch"], meta["num_branches"], meta["text_ids"]) == (config.split("_")[-1] if h > 1 else "none", h, text_ids)
+    assert ((meta["branch"], meta["num_branches"], meta["text_ids"])
+            == (config.split("_")[-1] if h > 1 else "none", h, text_ids))
     assert meta["training"]["zero_stage"] == stage and meta["training"]["step"] == STEPS
     check = meta["probe_check"]
     if precision == "fp32":
@@ -178,7 +181,8 @@ def test_training_run(runs, name, tmp_path):
     cli = run([sys.executable, "-m", "train.export", "--checkpoint-dir", str(run_dir / "checkpoints"),
                "--out", str(tmp_path / "cli")], ENV)
     assert cli.returncode == 0, cli.stderr[-3000:]
-    auto, again = load_file(str(run_dir / "export" / "model.safetensors")), load_file(str(tmp_path / "cli" / "model.safetensors"))
+    auto, again = (load_file(str(run_dir / "export" / "model.safetensors")),
+                   load_file(str(tmp_path / "cli" / "model.safetensors")))
     assert auto.keys() == again.keys() and all(torch.equal(auto[k], again[k]) for k in auto)
     assert load_exported(tmp_path / "cli")[2]["text_ids"] == text_ids
 
@@ -215,8 +219,9 @@ def test_missing_text_id_fails_before_training(dataset, tmp_path):
 
 def test_non_finite_loss_stops_with_a_clear_message(dataset, tmp_path):
     # Without the launcher: `python -m train.main` runs one rank (the same program, world size 1).
-    cmd = [sys.executable, "-m", "train.main", "--config", "train/configs/tiny_o2o.yaml", "--set", f"data.shards={dataset}",
-           "--set", f"output_dir={tmp_path / 'run'}", "--set", "optim.lr=1.0e+30", "--set", "optim.warmup_steps=0"]
+    cmd = [sys.executable, "-m", "train.main", "--config", "train/configs/tiny_o2o.yaml",
+           "--set", f"data.shards={dataset}", "--set", f"output_dir={tmp_path / 'run'}",
+           "--set", "optim.lr=1.0e+30", "--set", "optim.warmup_steps=0"]
     env = {k: v for k, v in ENV.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
     result = run(cmd, env)
     output = result.stdout + result.stderr
