@@ -119,7 +119,8 @@ def _validate_prompt(raw: Any, where: str) -> Prompt:
         raise PromptSetError(f"{where}: key 'sampling' must be a mapping")
     for key, value in sampling.items():
         if key not in SAMPLING_KEYS:
-            raise PromptSetError(f"{where}: key 'sampling.{key}' is not a sampling setting ({', '.join(SAMPLING_KEYS)})")
+            raise PromptSetError(f"{where}: key 'sampling.{key}' is not a sampling setting "
+                                 f"({', '.join(SAMPLING_KEYS)})")
         if not isinstance(value, (int, float)) or isinstance(value, bool):
             raise PromptSetError(f"{where}: key 'sampling.{key}' must be a number")
     return Prompt(id=str(pid), family=family, text=text.strip(), max_new_tokens=max_new, sampling=dict(sampling))
@@ -151,7 +152,8 @@ def load_prompt_set(name_or_path: str | Path) -> PromptSet:
     else:
         resource = resources.files(__name__) / f"{name_or_path}.yaml"
         if not resource.is_file():
-            raise PromptSetError(f"no prompt set named {str(name_or_path)!r}; shipped sets: {', '.join(available_sets())}; "
+            raise PromptSetError(f"no prompt set named {str(name_or_path)!r}; "
+                                 f"shipped sets: {', '.join(available_sets())}; "
                                  "or give the path of a YAML file")
         source, content = f"caption_prompts/{name_or_path}.yaml", resource.read_text(encoding="utf-8")
     try:

@@ -44,7 +44,8 @@ def _table(rows: list[list[Any]], headers: list[str]) -> str:
 def _describe_provenance(p: dict[str, Any]) -> str:
     if p.get("kind") == "caption":
         cap, prompt = p.get("captioner", {}), p.get("prompt", {})
-        return f"caption by {cap.get('model', '?')} ({cap.get('name', '?')}), prompt {prompt.get('set', '?')}/{prompt.get('id', '?')}"
+        return (f"caption by {cap.get('model', '?')} ({cap.get('name', '?')}), "
+                f"prompt {prompt.get('set', '?')}/{prompt.get('id', '?')}")
     if p.get("kind") == "alt_text":
         return p.get("note") or f"alt-text from {p.get('source', 'the source list')}"
     return p.get("note", p.get("kind", "unknown"))
@@ -56,7 +57,8 @@ def cmd_summary(args: argparse.Namespace) -> int:
     if args.json:
         summary = m.to_json()
         summary.pop("shards")
-        summary["text_stats"] = {t: {k: v for k, v in s.items() if k != "words_hist"} for t, s in summary["text_stats"].items()}
+        summary["text_stats"] = {t: {k: v for k, v in s.items() if k != "words_hist"}
+                                 for t, s in summary["text_stats"].items()}
         _print_json(summary)
         return 0
     counts = m.counts()
@@ -135,8 +137,9 @@ def cmd_show(args: argparse.Namespace) -> int:
         print(f"error: no sample with key {args.key!r} in {args.dir}", file=sys.stderr)
         return 2
     if args.json:
-        _print_json([{"shard": name, "key": s.key, "image": f"{s.key}.{s.image_ext}", "image_bytes": len(s.image or b""),
-                      "texts": s.texts, "flags": s.flags, "errors": s.errors, "source": s.source} for name, s in shown])
+        _print_json([{"shard": name, "key": s.key, "image": f"{s.key}.{s.image_ext}",
+                      "image_bytes": len(s.image or b""), "texts": s.texts, "flags": s.flags, "errors": s.errors,
+                      "source": s.source} for name, s in shown])
         return 0
     for name, s in shown:
         src = s.source
@@ -202,7 +205,8 @@ def cmd_diff(args: argparse.Namespace) -> int:
         print(f"b: {d['b']['dataset_id']} ({d['b']['samples']} samples, {d['b']['shards']} shards)")
         if d["identical"]:
             print("same shards, texts and provenance")
-        for key in ("texts_only_in_a", "texts_only_in_b", "shards_only_in_a", "shards_only_in_b", "shards_content_differs"):
+        for key in ("texts_only_in_a", "texts_only_in_b", "shards_only_in_a", "shards_only_in_b",
+                    "shards_content_differs"):
             if d[key]:
                 print(f"{key.replace('_', ' ')}: {', '.join(d[key][:20])}" + (" ..." if len(d[key]) > 20 else ""))
         for t, changes in d["provenance_changed"].items():
@@ -212,8 +216,8 @@ def cmd_diff(args: argparse.Namespace) -> int:
             print(f"text {t}: {ca} texts in a, {cb} in b")
         if "samples" in d:
             s = d["samples"]
-            print(f"samples: {s['only_in_a']} only in a, {s['only_in_b']} only in b, {s['image_differs']} images differ, "
-                  f"texts differ: {s['texts_differ'] or 'none'}")
+            print(f"samples: {s['only_in_a']} only in a, {s['only_in_b']} only in b, "
+                  f"{s['image_differs']} images differ, texts differ: {s['texts_differ'] or 'none'}")
             for ex in s["examples"]:
                 print(f"  {ex}")
             for err in s["errors"]:

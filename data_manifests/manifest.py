@@ -97,7 +97,8 @@ class Manifest:
         by_status: dict[str, int] = {}
         for s in self.shards.values():
             by_status[s.status] = by_status.get(s.status, 0) + 1
-        return {"samples": self.num_samples, "shards": len(self.shards), **{f"shards_{k}": v for k, v in by_status.items()}}
+        return {"samples": self.num_samples, "shards": len(self.shards),
+                **{f"shards_{k}": v for k, v in by_status.items()}}
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -118,7 +119,8 @@ class Manifest:
     @classmethod
     def from_json(cls, d: dict[str, Any], where: str) -> Manifest:
         if not isinstance(d, dict) or d.get("format") != FORMAT:
-            raise ManifestError(f"{where}: not a holiclip manifest (format is {d.get('format') if isinstance(d, dict) else None!r}, expected {FORMAT!r})")
+            raise ManifestError(f"{where}: not a holiclip manifest (format is "
+                                f"{d.get('format') if isinstance(d, dict) else None!r}, expected {FORMAT!r})")
         for key in ("dataset_id", "stage", "shards"):
             if key not in d:
                 raise ManifestError(f"{where}: missing key {key!r}")

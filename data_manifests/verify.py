@@ -66,7 +66,8 @@ def check_shard(path: Path, decode_images: bool = False) -> ShardCheck:
             check.stats.add(sample)
             expected = sample.source.get("sha256")
             if expected and hashlib.sha256(sample.image).hexdigest() != expected:
-                check.problems.append(f"{path.name} sample {sample.key}: image bytes do not match the sha256 in its source metadata")
+                check.problems.append(f"{path.name} sample {sample.key}: image bytes do not match the sha256 "
+                                      "in its source metadata")
             if decode_images:
                 from PIL import Image
 
@@ -102,7 +103,8 @@ def verify_dataset(root: str | Path, *, workers: int = 4, decode_images: bool = 
     for name, entry in sorted(manifest.shards.items()):
         if entry.status != COMPLETE:
             why = entry.info.get("error")
-            then = "rerun the job to finish it" if entry.rerun_helps else "a rerun cannot finish it: fix or remove its input"
+            then = ("rerun the job to finish it" if entry.rerun_helps
+                    else "a rerun cannot finish it: fix or remove its input")
             report.problems.append(f"{name}: shard is {entry.status}" + (f" ({why})" if why else "") + f"; {then}")
         elif name not in files:
             report.problems.append(f"{name}: listed as complete but the file is missing")
@@ -145,7 +147,8 @@ def verify_dataset(root: str | Path, *, workers: int = 4, decode_images: bool = 
     counted = {t: e["count"] for t, e in recount.raw.items()}
     for text_id in sorted(set(expected_counts) | set(counted)):
         if expected_counts.get(text_id, 0) != counted.get(text_id, 0):
-            report.problems.append(f"text {text_id!r}: manifest counts {expected_counts.get(text_id, 0)}, shards hold {counted.get(text_id, 0)}")
+            report.problems.append(f"text {text_id!r}: manifest counts {expected_counts.get(text_id, 0)}, "
+                                   f"shards hold {counted.get(text_id, 0)}")
     if not report.problems and manifest.status != COMPLETE:
         report.problems.append(f"dataset status is {manifest.status!r}, not complete")
 

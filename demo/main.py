@@ -134,8 +134,9 @@ def serve(directory: Path, port: int) -> Iterator[str]:
     try:
         server = ThreadingHTTPServer(("127.0.0.1", port), functools.partial(Quiet, directory=str(directory)))
     except OSError as e:
-        raise DemoError(f"cannot serve the pictures on 127.0.0.1:{port} ({e.strerror}); the URL list of this "
-                        "demo directory names that port: stop what holds it, or start afresh with another --out") from None
+        raise DemoError(f"cannot serve the pictures on 127.0.0.1:{port} ({e.strerror}); "
+                        "the URL list of this demo directory names that port: stop what holds it, "
+                        "or start afresh with another --out") from None
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
@@ -172,7 +173,8 @@ def stage_scenes(o: Options) -> dict[str, Any]:
     atomic_write_text(o.out / "urls.csv", pd.DataFrame(rows).to_csv(index=False))
     saved = {**spec, "port": port}
     atomic_write_text(spec_path, json.dumps(saved, indent=1) + "\n")
-    say(f"scenes: drew {o.scenes} pictures of {o.image_size}x{o.image_size} px into {www}; URL list {o.out / 'urls.csv'}")
+    say(f"scenes: drew {o.scenes} pictures of {o.image_size}x{o.image_size} px into {www}; "
+        f"URL list {o.out / 'urls.csv'}")
     return saved
 
 
@@ -199,7 +201,8 @@ def choose_captioner(o: Options) -> tuple[dict[str, Any], str | None]:
         if not (tiny / "config.json").exists():
             run_stage("build-tiny-vlm", [PY, "-m", "demo.tiny_vlm", "--arch", "qwen2_vl", "--out", tiny],
                       o.out / "logs" / "caption.log")
-        captioner = {**captioner, "name": "tiny-qwen2vl", "model": str(tiny), "engine": {**captioner["engine"], "max_model_len": 1024}}
+        captioner = {**captioner, "name": "tiny-qwen2vl", "model": str(tiny),
+                     "engine": {**captioner["engine"], "max_model_len": 1024}}
         note = f"{model} unavailable ({reason}); {FALLBACK_NOTE}"
     else:
         captioner = {**captioner, "model": local}
@@ -225,7 +228,8 @@ def find_weights(model: str) -> tuple[str | None, str]:
     try:
         model_info(model, timeout=10)
     except Exception as e:  # noqa: BLE001
-        return None, f"the Hugging Face hub cannot be reached: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        return None, ("the Hugging Face hub cannot be reached: "
+                      f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
     say(f"caption: downloading {model} from the Hugging Face hub")
     try:
         return snapshot_download(model), ""

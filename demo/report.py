@@ -53,11 +53,13 @@ def write_report(out: Path, runs: list[str], run_info: dict[str, tuple], note: s
                                             {json.dumps(p.get('captioner'), sort_keys=True): p.get('captioner')
                                              for p in captioned.texts.values() if p.get('captioner')}.values()), ""]
     parts += [f"Data: {captioned.num_samples} pictures of shapes; {train.num_samples} for training, "
-              f"{test.num_samples} held out. Texts per picture: {', '.join(captioned.texts)} (+ {', '.join(sc.REFERENCE_TEXTS)})."]
+              f"{test.num_samples} held out. Texts per picture: {', '.join(captioned.texts)} "
+              f"(+ {', '.join(sc.REFERENCE_TEXTS)})."]
     if figures.get("images"):
         parts += [f"Captioning (its last run): {figures['images']} images, {figures['images_per_s']} images/s, "
                   f"{figures['captions_per_s']} captions/s"
-                  + (f", prefix-cache hit rate {figures['prefix_cache_hit_rate']:.2f}" if figures.get("prefix_cache_hit_rate") is not None else "")
+                  + (f", prefix-cache hit rate {figures['prefix_cache_hit_rate']:.2f}"
+                     if figures.get("prefix_cache_hit_rate") is not None else "")
                   + "."]
     parts += ["", "Runs (same steps, same data, same model size):", ""]
     parts += [f"- `{r}`: {run_info[r][2]}" for r in runs]
@@ -112,7 +114,8 @@ def write_report(out: Path, runs: list[str], run_info: dict[str, tuple], note: s
             artefacts.append((f"{r}: branch x text heatmap", heat[0]))
     artefacts += [("zero-shot bar chart", plot), ("stage logs", out / "logs")]
     parts += ["", "## Artefacts", "", *(f"- {what}: `{where}`" for what, where in artefacts),
-              "", "Compare the runs yourself: `python -m eval compare " + " ".join(str(out / "eval" / r) for r in runs) + "`",
+              "", ("Compare the runs yourself: `python -m eval compare "
+                   + " ".join(str(out / "eval" / r) for r in runs) + "`"),
               f"Look at the training curves: `tensorboard --logdir {out / 'runs'}`", ""]
     report = out / "report.md"
     atomic_write_text(report, "\n".join(parts))
@@ -128,7 +131,8 @@ def plot_zeroshot(results: dict[str, dict[str, Any]], runs: list[str], chance: d
     fig, ax = plt.subplots(figsize=(7, 3.5))
     width = 0.8 / len(runs)
     for i, r in enumerate(runs):
-        values = [100 * ((results[r]["zeroshot"].get(a) or {}).get("metrics", {}).get("top1") or 0) for a in sc.ATTRIBUTES]
+        values = [100 * ((results[r]["zeroshot"].get(a) or {}).get("metrics", {}).get("top1") or 0)
+                  for a in sc.ATTRIBUTES]
         ax.bar([x + i * width for x in range(len(sc.ATTRIBUTES))], values, width, label=r)
     for x, a in enumerate(sc.ATTRIBUTES):
         ax.hlines(100 * chance[a], x - width / 2, x + width * (len(runs) - 0.5), colors="black", linestyles="dotted")

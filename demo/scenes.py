@@ -103,7 +103,8 @@ def draw(scene: Scene, size: int, seed: int) -> Image.Image:
     return image
 
 
-def draw_shape(pen: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: float, fill: tuple[int, int, int]) -> None:
+def draw_shape(pen: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: float,
+               fill: tuple[int, int, int]) -> None:
     """One filled shape of SHAPES centred at (cx, cy), r pixels from the centre to its edge."""
     box = (cx - r, cy - r, cx + r, cy + r)
     if shape == "circle":

@@ -49,7 +49,8 @@ def split(captioned: Path, out: Path, test_shards: int) -> dict[str, Any]:
     shards = sorted(manifest.shards)
     unfinished = [n for n in shards if manifest.shards[n].status != COMPLETE]
     if unfinished:
-        raise SplitError(f"{captioned}: shards {', '.join(unfinished[:3])} are not captioned yet; rerun the caption stage")
+        raise SplitError(f"{captioned}: shards {', '.join(unfinished[:3])} are not captioned yet; "
+                         "rerun the caption stage")
     parts = {"train": shards[:-test_shards], "test": shards[-test_shards:]}
     texts = {**manifest.texts, **reference_provenance()}
     parent = {"path": str(captioned), "dataset_id": manifest.dataset_id}

@@ -177,9 +177,10 @@ def build_tiny_llava(out: str | Path, seed: int = 0, init_std: float = 0.4) -> P
 
 def _remap_llava_weights(out: Path) -> None:
     """transformers 5.19 saves LLaVA's vision tower without the CLIP `vision_model.` level (and,
-    depending on the version, under `model.`, with `model.language_model.*` and `lm_head.*`); vLLM 0.32's LLaVA loader expects the original checkpoint
-    layout (vision_tower.vision_model.*, language_model.model.*, language_model.lm_head.*,
-    multi_modal_projector.*). Rename so vLLM loads it as it loads a real LLaVA-1.5 checkpoint."""
+    depending on the version, under `model.`, with `model.language_model.*` and `lm_head.*`); vLLM 0.32's LLaVA
+    loader expects the original checkpoint layout (vision_tower.vision_model.*, language_model.model.*,
+    language_model.lm_head.*, multi_modal_projector.*). Rename so vLLM loads it as it loads a real LLaVA-1.5
+    checkpoint."""
     from safetensors.torch import load_file, save_file
 
     path = out / "model.safetensors"

@@ -44,7 +44,8 @@ def branch_text_similarity(image: torch.Tensor, string_emb: torch.Tensor, captio
         if n > 1:
             unmatched[:, j] = (v_sum @ text.sum(dim=0) - own) / (len(text) * (n - 1))
     margin = matched - unmatched
-    labels = [f"{m} ({branch_text_ids[m]})" if m < len(branch_text_ids) and branch_text_ids[m] else str(m) for m in range(h)]
+    labels = [f"{m} ({branch_text_ids[m]})" if m < len(branch_text_ids) and branch_text_ids[m] else str(m)
+              for m in range(h)]
     finite = torch.nan_to_num(margin, nan=float("-inf"))
     return {
         "text_ids": text_ids,

@@ -52,7 +52,8 @@ def load_checkpoint(path: str | Path, device: str = "cpu") -> Checkpoint:
     """Load an export directory, or RUN/export for a run directory. Raises EvalError for user errors."""
     path = Path(path)
     if not path.exists():
-        raise EvalError(f"{path}: no such checkpoint; --checkpoint takes an export directory (config.json + model.safetensors)")
+        raise EvalError(f"{path}: no such checkpoint; "
+                        "--checkpoint takes an export directory (config.json + model.safetensors)")
     if not (path / "config.json").exists() and (path / "export" / "config.json").exists():
         path = path / "export"
     try:
@@ -63,8 +64,8 @@ def load_checkpoint(path: str | Path, device: str = "cpu") -> Checkpoint:
         raise EvalError(str(e)) from None
     except (KeyError, TypeError, ValueError) as e:
         # A config.json whose "model" section is missing or invalid (ModelConfig rejects it).
-        raise EvalError(f"{path / 'config.json'}: not a valid export ({type(e).__name__}: {e}); re-export the checkpoint "
-                        "with `python -m train.export`") from None
+        raise EvalError(f"{path / 'config.json'}: not a valid export ({type(e).__name__}: {e}); "
+                        "re-export the checkpoint with `python -m train.export`") from None
     return Checkpoint(path, model, tokenizer, meta)
 
 
@@ -90,8 +91,9 @@ def _size_mismatch(path: Path) -> str:
     missing = [k for k in expected if k not in stored]
     unexpected = [k for k in stored if k not in expected]
     cfg = meta["model"]
-    size = ", ".join(f"{k} {cfg[k]}" for k in ("image_size", "patch_size", "vision_width", "vision_layers", "text_width",
-                                               "text_layers", "embed_dim", "branch", "num_branches") if k in cfg)
+    size = ", ".join(f"{k} {cfg[k]}" for k in ("image_size", "patch_size", "vision_width", "vision_layers",
+                                               "text_width", "text_layers", "embed_dim", "branch", "num_branches")
+                     if k in cfg)
     detail = []
     if differ:
         k = differ[0]
@@ -102,4 +104,5 @@ def _size_mismatch(path: Path) -> str:
     if unexpected:
         detail.append(f"{len(unexpected)} unexpected (e.g. {unexpected[0]})")
     return (f"{path / 'model.safetensors'}: the weights are not of the model size config.json describes ({size}): "
-            f"{'; '.join(detail)}; use the config.json these weights were exported with, or export the checkpoint again")
+            f"{'; '.join(detail)}; use the config.json these weights were exported with, "
+            "or export the checkpoint again")

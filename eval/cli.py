@@ -59,17 +59,20 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--checkpoint", required=True, metavar="CKPT",
                         help="export directory (config.json + model.safetensors), or a run directory holding export/")
     common.add_argument("--fusion", default="average", metavar="METHOD[,METHOD]",
-                        help=f"branch fusion: {', '.join(METHODS)}; several comma-separated share one embedding pass (default: average)")
+                        help=f"branch fusion: {', '.join(METHODS)}; several comma-separated share one "
+                             "embedding pass (default: average)")
     common.add_argument("--branches", metavar="LIST",
                         help="branch subset (embedding customisation): indices '0,2' or the text ids that trained them "
                              "'main_object,style' (default: all)")
-    common.add_argument("--out", type=Path, metavar="DIR", help="where the JSON results and the heatmap go (default: RUN/eval)")
+    common.add_argument("--out", type=Path, metavar="DIR",
+                        help="where the JSON results and the heatmap go (default: RUN/eval)")
     common.add_argument("--results", type=Path, metavar="FILE",
                         help="results file to append one line per result to (default: RUN/results.jsonl)")
     common.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default: 64)")
     common.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         help="torch device (default: cuda if available, else cpu)")
-    common.add_argument("--precision", choices=sorted(PRECISIONS), default="fp32", help="autocast precision (default: fp32)")
+    common.add_argument("--precision", choices=sorted(PRECISIONS), default="fp32",
+                        help="autocast precision (default: fp32)")
     common.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="image decoding threads")
     common.add_argument("--limit", type=int, metavar="N", help="evaluate only the first N images (quick checks)")
     common.add_argument("--json", action="store_true", help="print the result records as JSON lines instead of tables")
@@ -78,21 +81,26 @@ def build_parser() -> argparse.ArgumentParser:
     z = sub.add_parser("zeroshot", parents=[common], help="top-1/top-5 zero-shot accuracy on labelled images",
                        description="Zero-shot classification: top-1 and top-5 accuracy on labelled images (WebDataset "
                                    "shards with a .cls member or a label field, or an image folder per class).")
-    z.add_argument("--data", required=True, type=Path, metavar="DIR", help="labelled WebDataset shards or DIR/<class>/<image>")
+    z.add_argument("--data", required=True, type=Path, metavar="DIR",
+                   help="labelled WebDataset shards or DIR/<class>/<image>")
     z.add_argument("--classnames", type=Path, metavar="FILE",
                    help="class names, one per line, in label-index order (default: ImageNet-1k's for integer labels)")
     z.add_argument("--templates", type=Path, metavar="FILE",
-                   help="prompt templates, one per line with {} for the class name (default: the 80 OpenAI CLIP templates)")
+                   help="prompt templates, one per line with {} for the class name "
+                        "(default: the 80 OpenAI CLIP templates)")
 
     r = sub.add_parser("retrieval", parents=[common], help="image-text retrieval recall at 1/5/10, per text id",
                        description="Image-text retrieval: recall at 1, 5 and 10 in both directions, per text id and "
                                    "pooled, and the per-branch analysis (table and heatmap).")
-    r.add_argument("--data", required=True, type=Path, metavar="DIR", help="a dataset in the project's format (shards + manifest.json)")
-    r.add_argument("--text-ids", nargs="+", metavar="ID", help="text ids to evaluate (default: every text id of the dataset)")
+    r.add_argument("--data", required=True, type=Path, metavar="DIR",
+                   help="a dataset in the project's format (shards + manifest.json)")
+    r.add_argument("--text-ids", nargs="+", metavar="ID",
+                   help="text ids to evaluate (default: every text id of the dataset)")
 
     c = sub.add_parser("compare", help="print results files side by side",
                        description="Print the records of results.jsonl files side by side, one row per evaluation.")
-    c.add_argument("files", nargs="+", type=Path, metavar="FILE", help="results.jsonl files (or run directories holding one)")
+    c.add_argument("files", nargs="+", type=Path, metavar="FILE",
+                   help="results.jsonl files (or run directories holding one)")
     return parser
 
 
@@ -127,8 +135,8 @@ def _embed(checkpoint: Checkpoint, items, eval_set: EvalSet, options: EmbedOptio
     if eval_set.problems:
         print(f"warning: {len(eval_set.problems)} samples skipped (first: {eval_set.problems[0]})", file=sys.stderr)
     if not kept:
-        why = (f"all {len(eval_set.problems)} samples were unusable (first: {eval_set.problems[0]})" if eval_set.problems
-               else "it holds no samples")
+        why = (f"all {len(eval_set.problems)} samples were unusable (first: {eval_set.problems[0]})"
+               if eval_set.problems else "it holds no samples")
         raise EvalError(f"{eval_set.path}: the evaluation set is empty: {why}; point --data at a dataset with images")
     return image, kept
 
@@ -165,7 +173,8 @@ def _save(records: list[dict[str, Any]], out_dir: Path, results: Path, as_json: 
             append_results(record, results)
             written.append(str(path))
     except OSError as e:
-        raise EvalError(f"cannot write the results ({e.strerror or e}: {e.filename}); choose other places with --out and --results") from None
+        raise EvalError(f"cannot write the results ({e.strerror or e}: {e.filename}); "
+                        "choose other places with --out and --results") from None
     if as_json:
         for record in records:
             print(json.dumps(record))
@@ -185,8 +194,8 @@ def run_retrieval(args: argparse.Namespace) -> None:
     if requested and eval_set.text_ids:
         unknown = [t for t in requested if t not in eval_set.text_ids]
         if unknown:
-            raise EvalError(f"{args.data / 'manifest.json'}: no text id {', '.join(map(repr, unknown))} in this dataset; "
-                            f"it has {', '.join(eval_set.text_ids)}")
+            raise EvalError(f"{args.data / 'manifest.json'}: no text id {', '.join(map(repr, unknown))} "
+                            f"in this dataset; it has {', '.join(eval_set.text_ids)}")
 
     image, items = _embed(checkpoint, iter(eval_set), eval_set, options)
     available = list(dict.fromkeys([*eval_set.text_ids, *(t for item in items for t in item.texts)]))
@@ -245,7 +254,8 @@ def run_zeroshot(args: argparse.Namespace) -> None:
             "templates_file": str(templates_file)}
     records, tables = [], []
     for fusion in fusions:
-        metrics = {**zeroshot_accuracy(image, classifier, labels, fusion, device=options.device), **info, "per_branch": per_branch}
+        metrics = {**zeroshot_accuracy(image, classifier, labels, fusion, device=options.device), **info,
+                   "per_branch": per_branch}
         record = _record("zeroshot", checkpoint, eval_set, len(items), fusion, metrics, options)
         records.append(record)
         tables.append(zeroshot_table(record))

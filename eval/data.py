@@ -83,7 +83,8 @@ def open_retrieval_set(path: str | Path) -> EvalSet:
     try:
         manifest = load_manifest(root)
     except ManifestError as e:
-        hint = "; for shards without one, run `holiclip-manifest index DIR`" if not (root / "manifest.json").exists() else ""
+        hint = ("; for shards without one, run `holiclip-manifest index DIR`"
+                if not (root / "manifest.json").exists() else "")
         raise EvalError(f"{e}{hint}") from None
     shards = [s for name, s in sorted(manifest.shards.items()) if s.status == COMPLETE]
     missing = [s.name for s in shards if not (root / s.name).is_file()]
@@ -99,10 +100,12 @@ def open_retrieval_set(path: str | Path) -> EvalSet:
                 for sample in reader:
                     yield EvalItem(sample.key, sample.image, dict(sample.texts))
             except ShardReadError as e:
-                raise EvalError(f"{root / name}: {e.reason}; check the dataset with `holiclip-manifest verify {root}`") from None
+                raise EvalError(f"{root / name}: {e.reason}; "
+                                f"check the dataset with `holiclip-manifest verify {root}`") from None
             es.problems.extend(str(p) for p in reader.problems)
 
-    return EvalSet(root, "shards", manifest.dataset_id, sum(s.samples for s in shards), list(manifest.texts), reader=read)
+    return EvalSet(root, "shards", manifest.dataset_id, sum(s.samples for s in shards), list(manifest.texts),
+                   reader=read)
 
 
 # ----------------------------------------------------------------------------- classification
@@ -124,10 +127,12 @@ def open_classification_set(path: str | Path) -> EvalSet:
             complete = {s.name: s.samples for s in manifest.shards.values() if s.status == COMPLETE}
             shards = [s for s in shards if s in complete]
             dataset_id, expected = manifest.dataset_id, sum(complete[s] for s in shards)
-        return EvalSet(root, "webdataset", dataset_id, expected, [], reader=lambda es: _read_labelled_shards(es, shards))
+        return EvalSet(root, "webdataset", dataset_id, expected, [],
+                       reader=lambda es: _read_labelled_shards(es, shards))
 
     classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
-    files = {c: sorted(p for p in (root / c).iterdir() if p.suffix.lower() in IMAGE_FILES and not p.name.startswith("."))
+    files = {c: sorted(p for p in (root / c).iterdir()
+                       if p.suffix.lower() in IMAGE_FILES and not p.name.startswith("."))
              for c in classes}
     classes = [c for c in classes if files[c]]
     if not classes:

@@ -121,8 +121,8 @@ def embed_texts(model: HolisticCLIP, tokenizer: Tokenizer, texts: Sequence[str],
     out = []
     batch_size = max(options.batch_size, 256)  # texts are cheap next to images
     pad = getattr(tokenizer, "pad_token_id", 0)
-    for start in tqdm(range(0, len(texts), batch_size), desc=desc, unit="batch", disable=not options.progress or len(texts) <= batch_size,
-                      dynamic_ncols=True):
+    for start in tqdm(range(0, len(texts), batch_size), desc=desc, unit="batch",
+                      disable=not options.progress or len(texts) <= batch_size, dynamic_ncols=True):
         tokens = tokenizer(list(texts[start:start + batch_size]))
         # The text tower is causal, so cutting the padding after the last non-pad token of the
         # batch changes nothing but the cost (positions are indexed from 0 either way, and the

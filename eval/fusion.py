@@ -70,7 +70,8 @@ def parse_branches(spec: str | None, branch_text_ids: Sequence[str | None]) -> t
             index = list(branch_text_ids).index(part)
         else:
             named = ", ".join(f"{i}={t}" for i, t in enumerate(branch_text_ids) if t) or "none"
-            raise FusionError(f"--branches: {part!r} is neither a branch index (0-{h - 1}) nor a text id that trained a branch ({named})")
+            raise FusionError(f"--branches: {part!r} is neither a branch index (0-{h - 1}) "
+                              f"nor a text id that trained a branch ({named})")
         if index in out:
             raise FusionError(f"--branches: branch {index} is listed twice")
         out.append(index)
@@ -89,10 +90,11 @@ class Scorer:
     computed on `device` (the model's), the embeddings having been gathered on the CPU.
     """
 
-    def __init__(self, image: torch.Tensor, text: torch.Tensor, fusion: Fusion, text_weights: torch.Tensor | None = None,
-                 device: str | torch.device = "cpu") -> None:
+    def __init__(self, image: torch.Tensor, text: torch.Tensor, fusion: Fusion,
+                 text_weights: torch.Tensor | None = None, device: str | torch.device = "cpu") -> None:
         if image.ndim != 3 or text.ndim != 2 or image.shape[2] != text.shape[1]:
-            raise ValueError(f"expected image (N, H, D) and text (M, D), got {tuple(image.shape)} and {tuple(text.shape)}")
+            raise ValueError("expected image (N, H, D) and text (M, D), "
+                             f"got {tuple(image.shape)} and {tuple(text.shape)}")
         self.fusion = fusion
         self.branches = fusion.chosen(image.shape[1])
         if max(self.branches) >= image.shape[1]:
@@ -104,7 +106,8 @@ class Scorer:
             weights = None if text_weights is None else text_weights.to(device)
             self.mean, self.std = branch_score_stats(self.image, self.text, weights)
 
-    def scores(self, rows: slice | torch.Tensor = slice(None), cols: slice | torch.Tensor = slice(None)) -> torch.Tensor:
+    def scores(self, rows: slice | torch.Tensor = slice(None),
+               cols: slice | torch.Tensor = slice(None)) -> torch.Tensor:
         """(len(rows), len(cols)) fused scores of images[rows] against texts[cols], on the scorer's device."""
         per_branch = torch.einsum("nhd,md->hnm", self.image[rows], self.text[cols])
         if self.fusion.method == "average":
@@ -114,7 +117,8 @@ class Scorer:
         return ((per_branch - self.mean[:, None, None]) / self.std[:, None, None]).amax(dim=0)
 
 
-def branch_score_stats(image: torch.Tensor, text: torch.Tensor, text_weights: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def branch_score_stats(image: torch.Tensor, text: torch.Tensor,
+                       text_weights: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean and standard deviation of <v_ih, t_m> over all (i, m), per branch h, without the matrix.
 
     image (N, H, D), text (M, D); text_weights (M,) counts each text that many times.

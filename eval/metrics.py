@@ -32,7 +32,8 @@ def ranks(scores: torch.Tensor, positives: torch.Tensor, weights: torch.Tensor |
     multiplicity of each candidate (default 1). Returns (Q,) float64 (integral when unweighted).
     """
     if scores.shape != positives.shape or scores.ndim != 2:
-        raise ValueError(f"scores {tuple(scores.shape)} and positives {tuple(positives.shape)} must be the same (Q, C) shape")
+        raise ValueError(f"scores {tuple(scores.shape)} and positives {tuple(positives.shape)} "
+                         "must be the same (Q, C) shape")
     if not bool(positives.any(dim=1).all()):
         raise ValueError("every query needs at least one positive candidate")
     best = scores.masked_fill(~positives, float("-inf")).amax(dim=1, keepdim=True)
@@ -42,7 +43,8 @@ def ranks(scores: torch.Tensor, positives: torch.Tensor, weights: torch.Tensor |
     return ahead.double() @ weights.double()
 
 
-def recall_at_k(ranks: torch.Tensor, ks: Sequence[int] = RECALL_KS, query_weights: torch.Tensor | None = None) -> dict[int, float]:
+def recall_at_k(ranks: torch.Tensor, ks: Sequence[int] = RECALL_KS,
+                query_weights: torch.Tensor | None = None) -> dict[int, float]:
     """Share of queries whose best positive is in the top k, for each k (weighted by query_weights)."""
     if ranks.numel() == 0:
         raise ValueError("no queries to score")

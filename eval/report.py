@@ -26,7 +26,8 @@ def _pct(value: float | None) -> str:
 
 def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
-    line = lambda r: "  ".join(str(c).ljust(w) if i == 0 else str(c).rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+    line = lambda r: "  ".join(str(c).ljust(w) if i == 0 else str(c).rjust(w)
+                               for i, (c, w) in enumerate(zip(r, widths)))
     return "\n".join([line(header), "  ".join("-" * w for w in widths), *map(line, rows)])
 
 
@@ -52,7 +53,8 @@ def zeroshot_table(record: dict[str, Any]) -> str:
     m = record["metrics"]
     rows = [[record["fusion"]["label"], _pct(m.get("top1")), _pct(m.get("top5"))]]
     for b in m.get("per_branch", []):
-        rows.append([f"branch {b['branch']}" + (f" ({b['text_id']})" if b.get("text_id") else ""), _pct(b.get("top1")), _pct(b.get("top5"))])
+        rows.append([f"branch {b['branch']}" + (f" ({b['text_id']})" if b.get("text_id") else ""),
+                     _pct(b.get("top1")), _pct(b.get("top5"))])
     info = f"  {m['classes']} classes ({m['classnames']}), {m['templates']} templates ({m['templates_file']})"
     return title(record) + "\n" + info + "\n" + _table(["scores", "top-1", "top-5"], rows)
 
@@ -83,7 +85,8 @@ def compare_table(records: Sequence[dict[str, Any]]) -> str:
             text_ids = list(dict.fromkeys(t for r in group for t in r["metrics"] if t != "all"))
             text_ids += ["all"] if any("all" in r["metrics"] for r in group) else []
             header = [*base, *(f"{t} {d}@1" for t in text_ids for d in ("I2T", "T2I"))]
-            rows = [[*_ident(r), *(_pct(r["metrics"].get(t, {}).get(d, {}).get("R@1")) for t in text_ids for d in ("i2t", "t2i"))]
+            rows = [[*_ident(r), *(_pct(r["metrics"].get(t, {}).get(d, {}).get("R@1"))
+                                   for t in text_ids for d in ("i2t", "t2i"))]
                     for r in group]
         out.append(f"{task} (recall and accuracy in %)\n" + _table(header, rows))
     return "\n\n".join(out)
@@ -164,7 +167,8 @@ def plot_branch_heatmap(analysis: dict[str, Any], path: Path, title: str) -> Non
                 # Light text on the dark ends of each colour map, dark text elsewhere.
                 share = (values[i, j] - low) / max(high - low, 1e-9)
                 dark = abs(share - 0.5) > 0.3 if centred else share < 0.5
-                ax.text(j, i, f"{values[i, j]:.2f}", ha="center", va="center", fontsize=7, color="white" if dark else "black")
+                ax.text(j, i, f"{values[i, j]:.2f}", ha="center", va="center", fontsize=7,
+                        color="white" if dark else "black")
     fig.axes[0].set_ylabel("branch (trained on)")
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()

@@ -44,7 +44,8 @@ class Captions:
                 if t in texts:
                     pairs[t][0].append(i)
                     pairs[t][1].append(index.setdefault(texts[t], len(index)))
-        return cls(list(index), {t: (torch.tensor(a, dtype=torch.long), torch.tensor(b, dtype=torch.long)) for t, (a, b) in pairs.items()})
+        return cls(list(index), {t: (torch.tensor(a, dtype=torch.long), torch.tensor(b, dtype=torch.long))
+                                 for t, (a, b) in pairs.items()})
 
     def pool(self, text_ids: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """(image index, string index) of every caption of these text ids."""
@@ -63,14 +64,16 @@ def _mask(queries: torch.Tensor, grouped: tuple[torch.Tensor, torch.Tensor], num
     values, offsets = grouped
     starts, lengths = offsets[queries], offsets[queries + 1] - offsets[queries]
     rows = torch.repeat_interleave(torch.arange(len(queries)), lengths)
-    first = torch.repeat_interleave(starts - (lengths.cumsum(0) - lengths), lengths)  # values index of a row's first entry, less the row's offset
+    # values index of a row's first entry, less the row's offset
+    first = torch.repeat_interleave(starts - (lengths.cumsum(0) - lengths), lengths)
     mask = torch.zeros(len(queries), num_candidates, dtype=torch.bool)
     mask[rows, values[first + torch.arange(len(rows))]] = True
     return mask
 
 
-def retrieval_recalls(image: torch.Tensor, string_emb: torch.Tensor, image_index: torch.Tensor, string_index: torch.Tensor,
-                      fusion: Fusion, ks: Sequence[int] = RECALL_KS, device: str | torch.device = "cpu") -> dict:
+def retrieval_recalls(image: torch.Tensor, string_emb: torch.Tensor, image_index: torch.Tensor,
+                      string_index: torch.Tensor, fusion: Fusion, ks: Sequence[int] = RECALL_KS,
+                      device: str | torch.device = "cpu") -> dict:
     """Recall at ks both ways for one pool of captions (rules in the module docstring).
 
     image: (N, H, D) every image of the set (all are T2I candidates); string_emb: (S, D) embeddings
@@ -113,7 +116,8 @@ def retrieval_recalls(image: torch.Tensor, string_emb: torch.Tensor, image_index
 
 
 def evaluate_retrieval(image: torch.Tensor, string_emb: torch.Tensor, captions: Captions, text_ids: Sequence[str],
-                       fusion: Fusion, ks: Sequence[int] = RECALL_KS, device: str | torch.device = "cpu") -> dict[str, dict]:
+                       fusion: Fusion, ks: Sequence[int] = RECALL_KS,
+                       device: str | torch.device = "cpu") -> dict[str, dict]:
     """{text id: recalls} for each text id with captions, plus "all" (pooled) when there are several."""
     present = [t for t in text_ids if len(captions.pairs[t][0])]
     out = {t: retrieval_recalls(image, string_emb, *captions.pairs[t], fusion, ks, device) for t in present}

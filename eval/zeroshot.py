@@ -74,8 +74,9 @@ class LabelMap:
                 self.by_folder = {f: i for i, f in enumerate(folders)}
             else:
                 raise EvalError(
-                    f"{self.source}: {len(self.names)} class names for {len(folders)} class folders in {eval_set.path}, "
-                    "and the folder names are not class names; give a file with one name per folder, in sorted folder order"
+                    f"{self.source}: {len(self.names)} class names for {len(folders)} class folders "
+                    f"in {eval_set.path}, and the folder names are not class names; "
+                    "give a file with one name per folder, in sorted folder order"
                 )
 
     @property
@@ -97,19 +98,21 @@ class LabelMap:
             if kind == "index" and self.names is None:
                 self.names = read_lines(IMAGENET_CLASSNAMES, "class names")
         elif kind != self.kind:
-            raise EvalError(f"sample {item.key}: label {label!r} is a class {kind} but earlier labels are class {self.kind}s; "
-                            "use one kind of label in a dataset")
+            raise EvalError(f"sample {item.key}: label {label!r} is a class {kind} "
+                            f"but earlier labels are class {self.kind}s; use one kind of label in a dataset")
         if kind == "index":
             assert isinstance(label, int) and self.names is not None
             if not 0 <= label < len(self.names):
                 raise EvalError(
-                    f"{self.file_label}: sample {item.key} has label {label}, but the file lists {len(self.names)} class names "
-                    f"(indices 0-{len(self.names) - 1}); give this dataset's class names with --classnames FILE"
+                    f"{self.file_label}: sample {item.key} has label {label}, but the file lists "
+                    f"{len(self.names)} class names (indices 0-{len(self.names) - 1}); "
+                    "give this dataset's class names with --classnames FILE"
                 )
         elif self.names is not None:
             if label not in self.names:
                 raise EvalError(
-                    f"{self.file_label}: sample {item.key} has label {label!r}, which is not one of its {len(self.names)} class names; "
+                    f"{self.file_label}: sample {item.key} has label {label!r}, "
+                    f"which is not one of its {len(self.names)} class names; "
                     "give this dataset's class names with --classnames FILE (one per line)"
                 )
         else:
@@ -142,8 +145,8 @@ def build_classifier(model: HolisticCLIP, tokenizer: Tokenizer, classnames: Sequ
     per_block = max(1, 2048 // len(templates))  # classes per text batch
     quiet = dataclasses.replace(options, progress=False)  # one bar for the classifier, not one per batch
     weights = []
-    for start in tqdm(range(0, len(classnames), per_block), desc="classifier", unit="batch", disable=not options.progress,
-                      dynamic_ncols=True):
+    for start in tqdm(range(0, len(classnames), per_block), desc="classifier", unit="batch",
+                      disable=not options.progress, dynamic_ncols=True):
         names = classnames[start:start + per_block]
         prompts = [t.replace("{}", name) for name in names for t in templates]
         emb = embed_texts(model, tokenizer, prompts, quiet).view(len(names), len(templates), -1)

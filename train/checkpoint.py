@@ -55,7 +55,8 @@ def resolve(path: str | Path) -> Path:
             raise CheckpointError(f"{path}: no complete checkpoint here (a step directory with a {DONE} mark)")
         path = found
     if not path.is_dir() or not any(path.glob("*model_states.pt")):
-        raise CheckpointError(f"{path}: not a DeepSpeed checkpoint (no *model_states.pt; expected RUN/checkpoints or one of its step directories)")
+        raise CheckpointError(f"{path}: not a DeepSpeed checkpoint "
+                              "(no *model_states.pt; expected RUN/checkpoints or one of its step directories)")
     if not (path / DONE).is_file():
         log.warning("%s has no %s mark: it may be a checkpoint whose save was interrupted", path, DONE)
     return path
@@ -93,7 +94,8 @@ def load(engine, path: Path) -> dict[str, Any]:
     """Restore model, optimizer, scheduler (DeepSpeed) and return our client state."""
     load_path, client = engine.load_checkpoint(str(path.parent), tag=path.name)
     if load_path is None or client is None or CLIENT_KEY not in client:
-        raise CheckpointError(f"{path}: DeepSpeed could not load this checkpoint, or it was not written by this trainer")
+        raise CheckpointError(f"{path}: DeepSpeed could not load this checkpoint, "
+                              "or it was not written by this trainer")
     return client[CLIENT_KEY]
 
 

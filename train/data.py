@@ -158,14 +158,16 @@ def check_text_ids(sources: Sequence[Source], text_ids: Sequence[str], fallback:
     warnings = []
     for source in sources:
         if source.text_counts is None:
-            warnings.append(f"{source.spec}: no manifest and no readable sample in its first shard; text ids not checked")
+            warnings.append(f"{source.spec}: no manifest and no readable sample in its first shard; "
+                            "text ids not checked")
             continue
         have = sorted(t for t, n in source.text_counts.items() if n > 0)
         wanted = [("data.text_ids", t) for t in text_ids] + ([("data.fallback_text_id", fallback)] if fallback else [])
         for key, text_id in wanted:
             if source.text_counts.get(text_id, 0) == 0:
                 raise DataError(
-                    f"{key}: text id {text_id!r} is not in the dataset {source.spec} (it has: {', '.join(have) or 'no texts'}). "
+                    f"{key}: text id {text_id!r} is not in the dataset {source.spec} "
+                    f"(it has: {', '.join(have) or 'no texts'}). "
                     "Caption the dataset with that prompt, or remove the id from the config."
                 )
         if source.samples:
@@ -280,7 +282,8 @@ class MultiTextStream(IterableDataset):
                 self._problem(state, f"skipped sample {p.key!r} in {url}: {p.message}")
             empty_in_a_row = 0 if n else empty_in_a_row + 1
             if empty_in_a_row > 2 * len(self.urls) + 10:
-                raise DataError(f"data.shards: no readable samples in the last {empty_in_a_row} shards read ({url}, ...)")
+                raise DataError(f"data.shards: no readable samples in the last {empty_in_a_row} shards read "
+                                f"({url}, ...)")
 
     def _problem(self, state: dict, message: str) -> None:
         if message not in state["problems"] and len(state["problems"]) < MAX_PROBLEMS_KEPT:
@@ -317,7 +320,8 @@ class MultiTextStream(IterableDataset):
         for item in raw:
             if rejects >= MAX_CONSECUTIVE_REJECTS:
                 skipped = {k: v for k, v in counts.items() if v and k not in ("samples", "shards")}
-                raise DataError(f"data: {rejects} samples in a row were unusable ({skipped}); check data.text_ids and the shards")
+                raise DataError(f"data: {rejects} samples in a row were unusable ({skipped}); "
+                                "check data.text_ids and the shards")
             rejects += 1
             try:
                 sample = Sample.from_members(item["__key__"], _members(item))
@@ -334,7 +338,8 @@ class MultiTextStream(IterableDataset):
                     pixels = train_transform(image, self.image_size, tuple(self.data.crop_scale), crop_rng)
             except (OSError, ValueError, Image.DecompressionBombError) as e:
                 counts["bad_images"] += 1
-                self._problem(state, f"skipped sample {sample.key} in {item.get('__url__')}: image does not decode ({e})")
+                self._problem(state, f"skipped sample {sample.key} in {item.get('__url__')}: "
+                                     f"image does not decode ({e})")
                 continue
             rejects = 0
             counts["samples"] += 1
@@ -404,7 +409,8 @@ class DataCounts:
 
     def vector(self) -> torch.Tensor:
         """Totals over this rank's workers in `keys` order (float64, for an all-reduce)."""
-        return torch.tensor([sum(c.get(k, 0) for c in self._by_worker.values()) for k in self.keys], dtype=torch.float64)
+        return torch.tensor([sum(c.get(k, 0) for c in self._by_worker.values()) for k in self.keys],
+                            dtype=torch.float64)
 
     def problems(self) -> list[str]:
         return sorted({p for ps in self._problems.values() for p in ps})

@@ -82,7 +82,8 @@ def export_checkpoint(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     state = weights.state_dict() if isinstance(weights, nn.Module) else weights
-    save_file({k: v.detach().to(torch.float32).contiguous().cpu() for k, v in state.items()}, str(out / "model.safetensors"))
+    save_file({k: v.detach().to(torch.float32).contiguous().cpu() for k, v in state.items()},
+              str(out / "model.safetensors"))
 
     tokenizer_ref = tokenizer
     if tokenizer != "clip":
@@ -118,7 +119,8 @@ def export_checkpoint(
     return out
 
 
-def load_exported(path: str | Path, device: str | torch.device = "cpu", verify: bool = True) -> tuple[HolisticCLIP, Tokenizer, dict[str, Any]]:
+def load_exported(path: str | Path, device: str | torch.device = "cpu",
+                  verify: bool = True) -> tuple[HolisticCLIP, Tokenizer, dict[str, Any]]:
     """(model in eval mode, fp32 on `device`; its tokenizer; the config.json dict).
 
     With verify and a probe file, the probe inputs are re-encoded and compared with the
@@ -162,7 +164,8 @@ def load_exported(path: str | Path, device: str | torch.device = "cpu", verify: 
         with torch.no_grad():
             image = model.encode_image(probe["images"].to(device, torch.float32)).cpu()
             text = model.encode_text(probe["tokens"].to(device)).cpu()
-        got, want = torch.cat([image.flatten(0, 1), text]), torch.cat([probe["image_embeddings"].flatten(0, 1), probe["text_embeddings"]]).float()
+        got, want = (torch.cat([image.flatten(0, 1), text]),
+                     torch.cat([probe["image_embeddings"].flatten(0, 1), probe["text_embeddings"]]).float())
         cosine = F.cosine_similarity(got, want, dim=-1).min().item()
         meta["probe_check"] = {"min_cosine": cosine, "max_abs_diff": (got - want).abs().max().item()}
         if cosine < MIN_PROBE_COSINE:

@@ -66,7 +66,8 @@ def build_model_config(cfg: TrainConfig, tokenizer: Tokenizer) -> ModelConfig:
     changes: dict[str, Any] = {"branch": cfg.model.branch, "num_branches": cfg.num_branches}
     if cfg.model.mlp_branch_layers is not None:
         changes["mlp_branch_layers"] = cfg.model.mlp_branch_layers
-    changes |= {"vocab_size": tokenizer.vocab_size, "text_pool": tokenizer.text_pool, "pad_token_id": tokenizer.pad_token_id}
+    changes |= {"vocab_size": tokenizer.vocab_size, "text_pool": tokenizer.text_pool,
+                "pad_token_id": tokenizer.pad_token_id}
     try:
         return dataclasses.replace(base, **changes)
     except ValueError as e:
@@ -151,7 +152,8 @@ def train(cfg: TrainConfig, resume: str = "auto", stop_at_step: int | None = Non
     model_cfg = build_model_config(cfg, tokenizer)
     sources = resolve_sources(cfg.data.shards)
     urls = [url for source in sources for url in source.urls]
-    data_warnings = check_text_ids(sources, cfg.data.text_ids, cfg.data.fallback_text_id) if cfg.data.check_text_ids else []
+    data_warnings = (check_text_ids(sources, cfg.data.text_ids, cfg.data.fallback_text_id)
+                     if cfg.data.check_text_ids else [])
     start_from = resume_path(resume, checkpoint_dir)
 
     import deepspeed
@@ -159,7 +161,8 @@ def train(cfg: TrainConfig, resume: str = "auto", stop_at_step: int | None = Non
     from deepspeed.accelerator import get_accelerator
 
     if cfg.train.precision == "fp16" and not get_accelerator().is_fp16_supported():
-        raise ConfigError(f"train.precision: fp16 is not supported by DeepSpeed on the {get_accelerator().device_name()} accelerator; use bf16 or fp32")
+        raise ConfigError("train.precision: fp16 is not supported by DeepSpeed on the "
+                          f"{get_accelerator().device_name()} accelerator; use bf16 or fp32")
     deepspeed.init_distributed()
     rank, world_size = dist.get_rank(), dist.get_world_size()
     release_shm_buffer(rank)
@@ -247,8 +250,9 @@ def train(cfg: TrainConfig, resume: str = "auto", stop_at_step: int | None = Non
             values = e.args[0]  # [total, per text type..., diversity]
             raise NonFiniteLoss(
                 f"step {step + 1}: the loss is {values[0]} (per text type {dict(zip(text_ids, values[1:-1]))}); "
-                f"training stopped before the update. The last checkpoint is {checkpoint.latest(checkpoint_dir) or 'none'}. "
-                "Lower optim.lr, raise optim.warmup_steps, set optim.grad_clip, or use bf16 instead of fp16, then resume."
+                "training stopped before the update. The last checkpoint is "
+                f"{checkpoint.latest(checkpoint_dir) or 'none'}. Lower optim.lr, raise optim.warmup_steps, "
+                "set optim.grad_clip, or use bf16 instead of fp16, then resume."
             ) from None
         step += 1
         window["time"] += time.perf_counter() - started
@@ -322,7 +326,8 @@ def run_step(engine, batches, loss_fn: MultiTextContrastiveLoss, dtype: torch.dt
         losses = loss_fn(out["image"], out["text"], out["logit_scale"])
         # One small all-reduce per micro-batch: the logged loss is the global one, and every rank
         # sees a non-finite loss at the same moment, so all stop together, before the update.
-        reduced = torch.cat([losses["loss"].detach().reshape(1), losses["per_text_type"], losses["diversity"].reshape(1)])
+        reduced = torch.cat([losses["loss"].detach().reshape(1), losses["per_text_type"],
+                             losses["diversity"].reshape(1)])
         reduced = reduced.double().cpu()
         dist.all_reduce(reduced)
         reduced /= dist.get_world_size()
@@ -367,7 +372,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config key, e.g. --set train.steps=100 (repeatable)")
     parser.add_argument("--resume", default="auto",
-                        help="'auto' (default): the latest checkpoint in OUTPUT/checkpoints if any; 'none'; or a checkpoint path")
+                        help="'auto' (default): the latest checkpoint in OUTPUT/checkpoints if any; 'none'; "
+                             "or a checkpoint path")
     parser.add_argument("--stop-at-step", type=int, help="checkpoint and exit after this step (the run can be resumed)")
     parser.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)  # passed by the deepspeed launcher
     return parser.parse_args(argv)

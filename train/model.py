@@ -66,7 +66,8 @@ class ModelConfig:
             elif f.name == "text_pool":
                 if value not in TEXT_POOLS:
                     raise ValueError(f"'text_pool' must be one of {TEXT_POOLS}, got {value!r}")
-            elif isinstance(value, bool) or not isinstance(value, int) or value < (0 if f.name == "pad_token_id" else 1):
+            elif (isinstance(value, bool) or not isinstance(value, int)
+                  or value < (0 if f.name == "pad_token_id" else 1)):
                 kind = "a non-negative" if f.name == "pad_token_id" else "a positive"
                 raise ValueError(f"{f.name!r} must be {kind} integer, got {value!r}")
         if self.branch == "none" and self.num_branches != 1:

@@ -1,4 +1,5 @@
-"""Image transforms with PIL, numpy and torch only (no torchvision at run time, docs/environment.md#pytorch-and-torchvision).
+"""Image transforms with PIL, numpy and torch only (no torchvision at run time,
+docs/environment.md#pytorch-and-torchvision).
 
 Training: random resized crop (area scale 0.9-1.0 and aspect ratio 3/4-4/3, as the paper's
 RandomResizedCrop), bicubic resize, CLIP normalisation. Evaluation: resize the shorter side,
@@ -28,7 +29,8 @@ def to_tensor(image: Image.Image) -> torch.Tensor:
     return torch.from_numpy(array.transpose(2, 0, 1).copy())
 
 
-def random_crop_box(width: int, height: int, scale: tuple[float, float], rng: random.Random) -> tuple[int, int, int, int]:
+def random_crop_box(width: int, height: int, scale: tuple[float, float],
+                    rng: random.Random) -> tuple[int, int, int, int]:
     """torchvision's RandomResizedCrop.get_params: a box of random area and aspect ratio.
 
     Ten tries at a box that fits; otherwise the largest centred box of ratio in RATIO.
@@ -75,4 +77,5 @@ def eval_transform(image: Image.Image, size: int) -> torch.Tensor:
 
 def preprocess_spec(size: int) -> dict:
     """What an evaluator needs to reproduce eval_transform; recorded in exported checkpoints."""
-    return {"image_size": size, "resize": "shorter side, bicubic", "crop": "center", "mean": list(MEAN), "std": list(STD)}
+    return {"image_size": size, "resize": "shorter side, bicubic", "crop": "center", "mean": list(MEAN),
+            "std": list(STD)}

@@ -59,7 +59,8 @@ class ShardCaptioner:
         content_id = f"{hashlib.sha256(data).hexdigest()}-{self.image_max_side}"
         return self.backend.prepare(decode(data, self.image_max_side), data, content_id)
 
-    async def caption_shard(self, shard_path: str, jobs: list[TextJob], recompute: list[str]) -> tuple[dict, ShardResult]:
+    async def caption_shard(self, shard_path: str, jobs: list[TextJob],
+                            recompute: list[str]) -> tuple[dict, ShardResult]:
         """Make every job's text for every sample of a shard that lacks it (or all, for `recompute`)."""
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue(maxsize=self.cfg.max_images_in_flight)

@@ -134,7 +134,8 @@ class Pool:
                     # recur: stop. A worker process that died under it (killed, out of memory) may
                     # not: try once more.
                     if attempt == 2 or e.actor_init_failed:
-                        raise JobError(f"captioner {self.cfg.name!r}: the engine did not start: {_actor_cause(e)}") from None
+                        raise JobError(f"captioner {self.cfg.name!r}: the engine did not start: "
+                                       f"{_actor_cause(e)}") from None
                     print(f"captioner {self.cfg.name!r}: the process of replica {slot.index} died while its engine "
                           f"started ({_actor_cause(e)}); starting it again", flush=True)
                     slot.handle = self._new_actor()

@@ -90,8 +90,8 @@ class CaptionJob:
             extra["problems"] = out["problems"][:50]
         if out["samples_with_errors"]:
             extra["samples_with_errors"] = out["samples_with_errors"]
-        self.writer.commit(ShardInfo(**out["info"]), TextStats(out["stats"]), failed_samples=sum(out["refused"].values()),
-                           extra=extra)
+        self.writer.commit(ShardInfo(**out["info"]), TextStats(out["stats"]),
+                           failed_samples=sum(out["refused"].values()), extra=extra)
         if bar:
             bar.update(plan.images or out["info"]["samples"])
             self._postfix(bar)

@@ -142,7 +142,8 @@ def conflicts(existing: dict[str, dict[str, Any]], new: dict[str, dict[str, Any]
         old_identity = old.get("identity") or identity_hash(old)
         if old.get("kind") != "caption" or old_identity != rec["identity"]:
             out.append(
-                f"text id {tid!r} already exists, made with {describe(old) if old.get('kind') == 'caption' else old.get('kind')}; "
+                f"text id {tid!r} already exists, made with "
+                f"{describe(old) if old.get('kind') == 'caption' else old.get('kind')}; "
                 f"this config would make it with {describe(rec)}. Either give the new texts a new id (another "
                 f"prompt id, or the captioner's text_id_prefix), or recompute {tid!r} for every sample by adding "
                 f"it to `overwrite:` in the config (or --overwrite {tid}).")

@@ -24,7 +24,8 @@ examples:
   python -m pipeline.ingest --urls cc3m.tsv --out data/cc3m
   python -m pipeline.ingest --urls laion/ --url-col URL --caption-col TEXT --out data/laion --processes 16
   ray job submit --address http://HEAD:8265 --working-dir . -- \\
-      python -m pipeline.ingest --urls /shared/laion/ --url-col URL --caption-col TEXT --out /shared/laion_shards --distributor ray
+      python -m pipeline.ingest --urls /shared/laion/ --url-col URL --caption-col TEXT --out /shared/laion_shards \
+--distributor ray
   python -m pipeline.ingest --from-webdataset data/img2dataset_out --out data/imported
   python -m pipeline.ingest --from-webdataset data/our_shards            # index in place, no copy
   python -m pipeline.ingest --from-folder photos/ --out data/photos
@@ -50,7 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="import WebDataset shards (img2dataset output, or any image + caption per sample); "
                           "shards already in the project's format are indexed in place, without copying")
     src.add_argument("--from-folder", type=Path, metavar="DIR",
-                     help="import a folder of images with sidecar .txt or .json captions: .jpg .png .webp stored as they are; "
+                     help="import a folder of images with sidecar .txt or .json captions: "
+                          ".jpg .png .webp stored as they are; "
                           ".gif (first frame) .bmp .tif .tiff .ppm .avif converted to lossless PNG")
     what.add_argument("--out", type=Path, metavar="DIR",
                       help="output dataset directory (optional for --from-webdataset: in place)")
@@ -78,7 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
     img.add_argument("--allow-upscale", action="store_true",
                      help="also enlarge smaller images (default: only shrink)")
     img.add_argument("--encode-format", default="jpg", choices=ENCODE_FORMATS)
-    img.add_argument("--encode-quality", type=int, metavar="Q", help="0-100 for jpg/webp (default 95), 0-9 for png (default 9)")
+    img.add_argument("--encode-quality", type=int, metavar="Q",
+                     help="0-100 for jpg/webp (default 95), 0-9 for png (default 9)")
     img.add_argument("--max-image-area", type=float, default=1e8, metavar="PIXELS",
                      help="refuse larger images before decoding them (default 1e8 = 100 megapixels)")
 
@@ -88,7 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
     dl.add_argument("--processes", type=int, default=os.cpu_count() or 1, metavar="N",
                     help="download processes (default: one per CPU; ignored with --distributor ray)")
     dl.add_argument("--threads", type=int, default=64, metavar="N", help="download threads per process (default 64)")
-    dl.add_argument("--timeout", type=int, default=10, metavar="SECONDS", help="seconds before a URL counts as unreachable (default 10)")
+    dl.add_argument("--timeout", type=int, default=10, metavar="SECONDS",
+                    help="seconds before a URL counts as unreachable (default 10)")
     dl.add_argument("--retries", type=int, default=0, metavar="N", help="retries per failed URL (default 0)")
     dl.add_argument("--distributor", default="multiprocessing", choices=("multiprocessing", "ray"),
                     help="run img2dataset's shards on local processes, or as Ray tasks over a cluster "

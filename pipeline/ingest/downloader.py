@@ -80,7 +80,8 @@ def _changed_input(previous: dict[str, Any] | None, source: dict[str, Any], sett
     old = previous.get("settings", {})
     changed = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
     if changed:
-        return ("was started with other settings (" + ", ".join(f"{k}: {old.get(k)!r} -> {settings.get(k)!r}" for k in changed)
+        return ("was started with other settings ("
+                + ", ".join(f"{k}: {old.get(k)!r} -> {settings.get(k)!r}" for k in changed)
                 + "); resume with the same ones")
     return None
 
@@ -150,7 +151,8 @@ class DownloadRun:
         writer.manifest.run.setdefault("ingest", {}).update({
             "mode": "download", "source": {**state["source"], "url_col": cfg.url_col, "caption_col": cfg.caption_col},
             "settings": state["settings"],
-            "per_sample": {"downloads": f"{STAGING}/img2dataset/<shard>.parquet: every URL with its status and error_message",
+            "per_sample": {"downloads": f"{STAGING}/img2dataset/<shard>.parquet: "
+                                        "every URL with its status and error_message",
                            "refused": f"{STAGING}/refused.parquet: rows not sent to img2dataset (row, url, reason)"}})
         writer.flush()
 
@@ -173,8 +175,9 @@ class DownloadRun:
         else:
             executor = ThreadPoolExecutor(cfg.convert_workers, thread_name_prefix="convert")
             submit = executor.submit
-        collector = ShardCollector(writer, self.staging, names, ConvertOptions(caption_keys=("txt",) if cfg.caption_col else ()),
-                                   submit, max_in_flight=cfg.convert_workers, crash_at=cfg.crash_at, progress=cfg.progress)
+        collector = ShardCollector(writer, self.staging, names,
+                                   ConvertOptions(caption_keys=("txt",) if cfg.caption_col else ()), submit,
+                                   max_in_flight=cfg.convert_workers, crash_at=cfg.crash_at, progress=cfg.progress)
         collector.start()
         error = None
         try:
@@ -191,7 +194,8 @@ class DownloadRun:
                 collector: ShardCollector | None, error: str | None) -> int:
         for name in names:
             if not writer.is_complete(name) and writer.manifest.shards[name].status != "failed":
-                writer.fail(name, "img2dataset did not finish this shard" + (f" ({error})" if error else "") + "; rerun to retry")
+                writer.fail(name, "img2dataset did not finish this shard" + (f" ({error})" if error else "")
+                                  + "; rerun to retry")
         refused = state["prepared"]["refused"]
         totals, reasons = _aggregate(writer, refused)
         seconds = time.time() - self.started
@@ -207,7 +211,8 @@ class DownloadRun:
                          "shards": collector.converted if collector else 0, "samples": new,
                          "images_per_s": round(new / seconds, 1) if seconds else 0.0},
             "summary": (f"{counts['urls']} URLs: {counts['samples']} images, {counts['failed']} failed, "
-                        f"{counts['refused']} refused" + (f", {counts['pending']} not done yet" if counts["pending"] else "")),
+                        f"{counts['refused']} refused"
+                        + (f", {counts['pending']} not done yet" if counts["pending"] else "")),
         })
         manifest = writer.finish()
         if collector is not None and collector.error is not None:

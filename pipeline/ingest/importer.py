@@ -83,7 +83,8 @@ def _check_same_input(writer, mode: str, source: dict[str, Any], settings: dict[
     if not old:
         return
     if old.get("mode") != mode or old.get("source", {}).get("fingerprint") != source["fingerprint"]:
-        raise IngestError(f"{out}: was started from another input ({old.get('mode')} {old.get('source', {}).get('path')}), "
+        raise IngestError(f"{out}: was started from another input "
+                          f"({old.get('mode')} {old.get('source', {}).get('path')}), "
                           "or the input changed since; resume with the same input, or use a new --out")
     if old.get("settings", {}) != settings:
         raise IngestError(f"{out}: was started with other settings ({old.get('settings')}); resume with the same ones, "

@@ -170,7 +170,8 @@ class ShardCollector(threading.Thread):
             except Exception as e:
                 cause = getattr(e, "cause", None) or e  # a Ray task error wraps the conversion's own
                 if isinstance(cause, (ShardReadError, ValueError)):
-                    self.writer.fail(name, f"img2dataset's shard could not be read ({cause}); rerun to download it again")
+                    self.writer.fail(name, f"img2dataset's shard could not be read ({cause}); "
+                                           "rerun to download it again")
                     self.staging.forget(name)
                 elif isinstance(cause, (ShardWriteError, OSError)):
                     self.writer.fail(name, f"could not write the shard ({cause}); rerun to retry")

@@ -45,7 +45,8 @@ PART_ROWS = 100_000
 
 
 class UrlListError(ValueError):
-    """A URL list that cannot be used (missing, empty, wrong format or columns); the message names the file and the fix."""
+    """A URL list that cannot be used (missing, empty, wrong format or columns); the message names the file
+    and the fix."""
 
 
 def _suffix(path: Path) -> str:
@@ -98,7 +99,8 @@ class UrlList:
              keep_columns: tuple[str, ...] = (), input_format: str | None = None) -> UrlList:
         path = Path(path)
         if not path.exists():
-            raise UrlListError(f"{path}: no such file or directory (give --urls a URL list: parquet, csv, tsv or jsonl)")
+            raise UrlListError(f"{path}: no such file or directory "
+                               "(give --urls a URL list: parquet, csv, tsv or jsonl)")
         if path.is_dir():
             candidates = sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith("."))
             by_format: dict[str, list[Path]] = {}
@@ -158,8 +160,9 @@ class UrlList:
         parse = pajson.ParseOptions()
         if wanted is not None:
             string_cols = [self.url_col] + ([self.caption_col] if self.caption_col else [])
-            parse = pajson.ParseOptions(explicit_schema=pa.schema([(c, pa.string()) for c in dict.fromkeys(string_cols)]),
-                                        unexpected_field_behavior="infer" if self.keep_columns else "ignore")
+            parse = pajson.ParseOptions(
+                explicit_schema=pa.schema([(c, pa.string()) for c in dict.fromkeys(string_cols)]),
+                unexpected_field_behavior="infer" if self.keep_columns else "ignore")
         return pajson.open_json(path, parse_options=parse, read_options=pajson.ReadOptions(block_size=8 << 20))
 
     def _check_file(self, path: Path) -> int | None:
