@@ -8,11 +8,16 @@ PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 DEMO_ARGS ?=
 
-.PHONY: setup test demo bench clean
+.PHONY: setup lint test demo bench clean
 setup:
 	bash setup/install.sh $(SET) $(VENV)
 
+# ruff is pinned in the CPU set, where the tests run; the GPU set has none.
+lint: setup
+	$(VENV)/bin/ruff check .
+
 test: setup
+	$(if $(GPU),,$(VENV)/bin/ruff check .)
 	$(PY) -m pytest -q -ra $(PYTEST_ARGS)
 
 demo: setup

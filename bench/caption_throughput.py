@@ -203,7 +203,7 @@ def main() -> int:
         "best_raw": best_raw,
         "pipeline_over_raw_vllm": results["pipeline_4p"]["images_per_s"] / results[best_raw]["images_per_s"],
         "pipeline_over_raw_vllm_each": [b["images_per_s"] / a["images_per_s"]
-                                        for a, b in zip(runs[best_raw], runs["pipeline_4p"])],
+                                        for a, b in zip(runs[best_raw], runs["pipeline_4p"], strict=True)],
         "pipeline_over_raw_vllm_defaults": results["pipeline_4p"]["images_per_s"] / results["raw_4p"]["images_per_s"],
         "time_4_prompts_over_1": results["pipeline_4p"]["seconds"] / results["pipeline_1p"]["seconds"],
         "prefix_cache_speedup": results["pipeline_4p_nocache"]["seconds"] / results["pipeline_4p"]["seconds"],

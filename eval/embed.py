@@ -87,7 +87,7 @@ def embed_images(model: HolisticCLIP, items: Iterable[EvalItem], options: EmbedO
 
     def encode(batch: list[EvalItem], decoded: list[Future]) -> None:
         pixels = []
-        for item, future in zip(batch, decoded):
+        for item, future in zip(batch, decoded, strict=True):
             result = future.result()
             if isinstance(result, str):
                 if problems is not None:

@@ -70,7 +70,7 @@ def train_and_export(out: Path, data: Path, *, branch: str, h: int, text_ids: li
             samples = [s for name in list_shard_files(data) for s in ShardReader(data / name)]
             images = torch.stack([eval_transform(Image.open(io.BytesIO(s.image)), cfg.image_size) for s in samples])
             strings = sorted({s.texts[t] for s in samples for t in text_ids})
-            table = dict(zip(strings, tokenizer(strings)))
+            table = dict(zip(strings, tokenizer(strings), strict=True))
             tokens = torch.stack([torch.stack([table[s.texts[t]] for t in text_ids]) for s in samples])
             # Causal text tower: trailing padding is free to drop.
             tokens = tokens[..., : int((tokens != 0).sum(-1).max())]
@@ -178,7 +178,7 @@ def test_m2m_tables_json_heatmap_and_results_file(capsys, m2m, eval_data, work):
     # The branches specialise: the background branch separates background texts best, and is the
     # best branch for them; its margin on colour texts is small.
     analysis = record["branch_analysis"]
-    margin = dict(zip(analysis["text_ids"], zip(*analysis["margin"])))
+    margin = dict(zip(analysis["text_ids"], zip(*analysis["margin"], strict=True), strict=True))
     assert analysis["best_branch"]["background"] == 1 and analysis["best_text_id"][1] == "background"
     assert margin["background"][1] > 0.2 > abs(margin["style"][1])
     with Image.open(analysis["heatmap"]) as png:

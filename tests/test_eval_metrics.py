@@ -97,7 +97,7 @@ def test_unique_strings_with_multiplicity_equal_caption_level_ranking():
     string_index = torch.randint(0, 5, (20,), generator=g)
     result = retrieval_recalls(image, string_emb, image_index, string_index, Fusion("max"), ks=(1, 2, 3))
     # Brute force over every caption: caption c is a positive of image i if i has a caption with c's string.
-    has = {(int(i), int(s)) for i, s in zip(image_index, string_index)}
+    has = {(int(i), int(s)) for i, s in zip(image_index, string_index, strict=True)}
     scores = (image @ string_emb[string_index].T).amax(dim=1)  # (n, captions)
     positives = torch.tensor([[(i, int(s)) in has for s in string_index] for i in range(n)])
     queries = positives.any(dim=1)

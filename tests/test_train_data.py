@@ -94,7 +94,7 @@ def test_fallback_text_and_dropped_flags(tmp_path, tokenizer):
     data = DataSection(shards=(str(tmp_path / "ds"),), text_ids=("style",), fallback_text_id="raw", num_workers=0,
                        shuffle_buffer=1, resampled=False)
     batch = take(stream(tmp_path / "ds", tokenizer, data, batch=3), 1)[0]
-    texts = {k: tokenizer.decode(t[0]) for k, t in zip(batch["keys"], batch["tokens"])}
+    texts = {k: tokenizer.decode(t[0]) for k, t in zip(batch["keys"], batch["tokens"], strict=True)}
     assert texts == {"a": "red square", "b": "red square", "c": "warm red"}
     assert batch["counts"]["fallback_texts"] == 2
     without = data.model_copy(update={"fallback_text_id": None})
@@ -149,7 +149,7 @@ def test_resumed_stream_is_the_tail_of_the_uninterrupted_one(dataset, tokenizer)
     for start in (8, 5):
         resumed = loader_batches(stream(dataset, tokenizer, data, segment_batches=4, start_batch=start), 12 - start)
         assert [b["index"] for b in resumed] == list(range(start, 12))
-        assert all(same(a, b) for a, b in zip(full[start:], resumed))
+        assert all(same(a, b) for a, b in zip(full[start:], resumed, strict=True))
     # Another seed (or salt, used when the layout changed) gives another stream.
     other = loader_batches(stream(dataset, tokenizer, data, segment_batches=4, salt=1), 2)
     assert not same(other[0], full[0])
@@ -157,7 +157,7 @@ def test_resumed_stream_is_the_tail_of_the_uninterrupted_one(dataset, tokenizer)
     single = section(dataset, num_workers=0)
     a = take(stream(dataset, tokenizer, single, segment_batches=4), 6)
     b = take(stream(dataset, tokenizer, single, segment_batches=4, start_batch=3), 3)
-    assert all(same(x, y) for x, y in zip(a[3:], b))
+    assert all(same(x, y) for x, y in zip(a[3:], b, strict=True))
 
 
 def test_split_by_node_and_worker(dataset, tokenizer):
@@ -213,7 +213,7 @@ def test_remote_shards_stream(dataset, tokenizer):
     data = section(dataset, text_ids=("raw",), shards=("memory://stream",))
     local = take(stream(dataset, tokenizer, section(dataset, text_ids=("raw",))), 3)
     remote = take(stream(dataset, tokenizer, data), 3)
-    assert all(same(a, b) for a, b in zip(local, remote))
+    assert all(same(a, b) for a, b in zip(local, remote, strict=True))
 
 
 def test_text_id_check(dataset, tmp_path):

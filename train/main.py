@@ -249,7 +249,8 @@ def train(cfg: TrainConfig, resume: str = "auto", stop_at_step: int | None = Non
         except NonFiniteLoss as e:
             values = e.args[0]  # [total, per text type..., diversity]
             raise NonFiniteLoss(
-                f"step {step + 1}: the loss is {values[0]} (per text type {dict(zip(text_ids, values[1:-1]))}); "
+                f"step {step + 1}: the loss is {values[0]} "
+                f"(per text type {dict(zip(text_ids, values[1:-1], strict=True))}); "
                 "training stopped before the update. The last checkpoint is "
                 f"{checkpoint.latest(checkpoint_dir) or 'none'}. Lower optim.lr, raise optim.warmup_steps, "
                 "set optim.grad_clip, or use bf16 instead of fp16, then resume."
@@ -268,7 +269,7 @@ def train(cfg: TrainConfig, resume: str = "auto", stop_at_step: int | None = Non
             n, total, losses = window["steps"], window["time"], (window["losses"] / window["steps"]).tolist()
             scalars = {
                 "loss/total": losses[0],
-                **{f"loss/{t}": v for t, v in zip(text_ids, losses[1:-1])},
+                **{f"loss/{t}": v for t, v in zip(text_ids, losses[1:-1], strict=True)},
                 **({"loss/diversity": losses[-1]} if cfg.loss.diversity_weight > 0 else {}),
                 "train/logit_scale": result.logit_scale,
                 "train/lr": lr,
@@ -276,7 +277,7 @@ def train(cfg: TrainConfig, resume: str = "auto", stop_at_step: int | None = Non
                 "perf/step_s": total / n,
                 "perf/data_wait_s": window["wait"] / n,
                 "perf/compute_s": (total - window["wait"]) / n,
-                **{f"data/{k}": v for k, v in zip(stream.count_keys, counts.tolist())},
+                **{f"data/{k}": v for k, v in zip(stream.count_keys, counts.tolist(), strict=True)},
             }
             grad_norm = engine.get_global_grad_norm()
             if grad_norm is not None:
@@ -299,7 +300,7 @@ def train(cfg: TrainConfig, resume: str = "auto", stop_at_step: int | None = Non
     if rank == 0:
         for problem in sorted({p for ps in problems for p in ps}):
             log.warning("data: %s", problem)
-        log.info("data: %s", describe_counts(dict(zip(stream.count_keys, counts.tolist()))))
+        log.info("data: %s", describe_counts(dict(zip(stream.count_keys, counts.tolist(), strict=True))))
         log.info("stopped at step %d of %d; checkpoints in %s", step, cfg.train.steps, checkpoint_dir)
 
 

@@ -150,7 +150,7 @@ class Block(nn.Module):
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
         x = x + self.attn(self.ln_1(x), attn_mask)
         h = F.gelu(self.mlp_fc(self.ln_2(x)))
-        h = torch.cat([proj(chunk) for proj, chunk in zip(self.mlp_proj, h.chunk(len(self.mlp_proj)))])
+        h = torch.cat([proj(chunk) for proj, chunk in zip(self.mlp_proj, h.chunk(len(self.mlp_proj)), strict=True)])
         return x + h
 
 

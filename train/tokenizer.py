@@ -125,7 +125,7 @@ class ClipTokenizer(Tokenizer):
         """Merge the symbols of one word (bytes as characters), lowest-ranked pair first."""
         symbols = [*word[:-1], word[-1] + "</w>"]
         while len(symbols) > 1:
-            pair = min(zip(symbols, symbols[1:]), key=lambda p: self.bpe_ranks.get(p, float("inf")))
+            pair = min(zip(symbols, symbols[1:], strict=False), key=lambda p: self.bpe_ranks.get(p, float("inf")))
             if pair not in self.bpe_ranks:
                 break
             merged, i = [], 0
@@ -157,7 +157,7 @@ class ClipTokenizer(Tokenizer):
     def __call__(self, texts: str | Sequence[str]) -> torch.Tensor:
         texts = [texts] if isinstance(texts, str) else texts
         result = torch.zeros(len(texts), self.context_length, dtype=torch.long)
-        for row, text in zip(result, texts):
+        for row, text in zip(result, texts, strict=True):
             ids = [self.sot_token_id, *self.encode(text)[: self.context_length - 2], self.eot_token_id]
             row[: len(ids)] = torch.tensor(ids)
         return result
@@ -189,7 +189,7 @@ class HFTokenizer(Tokenizer):
         texts = [texts] if isinstance(texts, str) else list(texts)
         rows = self._tokenizer(texts, truncation=True, max_length=self.context_length)["input_ids"]
         result = torch.full((len(texts), self.context_length), self.pad_token_id, dtype=torch.long)
-        for out, ids in zip(result, rows):
+        for out, ids in zip(result, rows, strict=True):
             out[: len(ids)] = torch.tensor(ids, dtype=torch.long)
         return result
 

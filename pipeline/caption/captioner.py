@@ -98,7 +98,7 @@ class ShardCaptioner:
                     return
                 figures["images"] += 1
                 gens = await asyncio.gather(*(self.backend.generate(image, j) for j in todo), return_exceptions=True)
-                for job, gen in zip(todo, gens):
+                for job, gen in zip(todo, gens, strict=True):
                     if isinstance(gen, RequestRejected):
                         figures["caption_errors"] += 1
                         result.errors.setdefault(key, {})[job.text_id] = f"request rejected: {gen}"

@@ -24,8 +24,8 @@ examples:
   python -m pipeline.ingest --urls cc3m.tsv --out data/cc3m
   python -m pipeline.ingest --urls laion/ --url-col URL --caption-col TEXT --out data/laion --processes 16
   ray job submit --address http://HEAD:8265 --working-dir . -- \\
-      python -m pipeline.ingest --urls /shared/laion/ --url-col URL --caption-col TEXT --out /shared/laion_shards \
---distributor ray
+      python -m pipeline.ingest --urls /shared/laion/ --url-col URL --caption-col TEXT \\
+          --out /shared/laion_shards --distributor ray
   python -m pipeline.ingest --from-webdataset data/img2dataset_out --out data/imported
   python -m pipeline.ingest --from-webdataset data/our_shards            # index in place, no copy
   python -m pipeline.ingest --from-folder photos/ --out data/photos
