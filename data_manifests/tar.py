@@ -226,18 +226,32 @@ class TarReader:
         try:
             tar = self._open_tar(raw, "r:")
             groups: dict[str, _Group] = {}
+            # A key whose members come back after another key's is a second sample of that key,
+            # refused as in file order (where the first run is read and the later one refused).
+            repeats: dict[str, list[_Group]] = {}
+            group: _Group | None = None
             try:
                 for info in tar:
-                    if not info.isdir():
-                        name = parse_member_name(info.name)
-                        self._add(groups.setdefault(name.key, _Group(name.key)), info, name)
+                    if info.isdir():
+                        continue
+                    name = parse_member_name(info.name)
+                    if group is None or name.key != group.key:
+                        group = _Group(name.key)
+                        if name.key in groups:
+                            repeats.setdefault(name.key, []).append(group)
+                        else:
+                            groups[name.key] = group
+                    self._add(group, info, name)
                 self._check_end(tar)
             except TAR_ERRORS as e:
                 raise self._error(f"truncated or corrupt tar ({e})") from None
             seen: set[str] = set()
             for key in sorted(groups):
                 group = groups.pop(key)
-                if not self._finish(group, seen):
+                whole = self._finish(group, seen)
+                for repeat in repeats.pop(key, ()):
+                    self._finish(repeat, seen)
+                if not whole:
                     continue
                 try:
                     members = {ext: tar.extractfile(info).read() if self.read(ext) else b""  # type: ignore[union-attr]

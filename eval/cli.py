@@ -131,11 +131,14 @@ def _fusions(args: argparse.Namespace, checkpoint: Checkpoint) -> list[Fusion]:
 
 
 def _embed(checkpoint: Checkpoint, items, eval_set: EvalSet, options: EmbedOptions):
-    image, kept = embed_images(checkpoint.model, items, options, total=eval_set.expected, problems=eval_set.problems)
-    if eval_set.problems:
-        print(f"warning: {len(eval_set.problems)} samples skipped (first: {eval_set.problems[0]})", file=sys.stderr)
+    undecodable: list[str] = []
+    image, kept = embed_images(checkpoint.model, items, options, total=eval_set.expected, problems=undecodable)
+    eval_set.problems.extend(undecodable)
+    eval_set.skipped += len(undecodable)
+    if eval_set.skipped:
+        print(f"warning: {eval_set.skipped} samples skipped (first: {eval_set.problems[0]})", file=sys.stderr)
     if not kept:
-        why = (f"all {len(eval_set.problems)} samples were unusable (first: {eval_set.problems[0]})"
+        why = (f"all {eval_set.skipped} samples were unusable (first: {eval_set.problems[0]})"
                if eval_set.problems else "it holds no samples")
         raise EvalError(f"{eval_set.path}: the evaluation set is empty: {why}; point --data at a dataset with images")
     return image, kept
@@ -149,7 +152,7 @@ def _record(task: str, checkpoint: Checkpoint, eval_set: EvalSet, images: int, f
         "task": task,
         "created": now_iso(),
         "checkpoint": checkpoint.describe(),
-        "data": {**eval_set.describe(), "images": images, "skipped": len(eval_set.problems),
+        "data": {**eval_set.describe(), "images": images, "skipped": eval_set.skipped,
                  "problems": eval_set.problems[:MAX_PROBLEMS_KEPT], **extra.pop("data", {})},
         "fusion": {"method": fusion.method, "label": fusion.label, "branches": chosen,
                    "branch_text_ids": [checkpoint.branch_text_ids[m] for m in chosen]},

@@ -62,7 +62,8 @@ class EvalSet:
     text_ids: list[str]  # text ids the manifest describes (retrieval)
     classes: list[str] | None = None  # folder names (image folder)
     reader: Callable[[EvalSet], Iterator[EvalItem]] | None = None
-    problems: list[str] = field(default_factory=list)  # samples skipped while reading, with reasons
+    problems: list[str] = field(default_factory=list)  # why samples were skipped (one line per bad member)
+    skipped: int = 0  # samples skipped (one sample can have several problems)
 
     def __iter__(self) -> Iterator[EvalItem]:
         assert self.reader is not None
@@ -103,6 +104,7 @@ def open_retrieval_set(path: str | Path) -> EvalSet:
                 raise EvalError(f"{root / name}: {e.reason}; "
                                 f"check the dataset with `holiclip-manifest verify {root}`") from None
             es.problems.extend(str(p) for p in reader.problems)
+            es.skipped += sum(reader.refused.values())
 
     return EvalSet(root, "shards", manifest.dataset_id, sum(s.samples for s in shards), list(manifest.texts),
                    reader=read)
@@ -155,12 +157,14 @@ def _read_labelled_shards(es: EvalSet, shards: list[str]) -> Iterator[EvalItem]:
                 item = _labelled_item(key, members)
                 if isinstance(item, str):
                     es.problems.append(str(Problem(name, key, item)))
+                    es.skipped += 1
                 else:
                     yield item
         except ShardReadError as e:
             raise EvalError(f"{path}: cannot be read ({e.reason}); check the shard (`tar tf {path}`)") from None
         finally:
             es.problems.extend(str(p) for p in reader.problems)  # samples the tar reader refused
+            es.skipped += sum(reader.refused.values())
 
 
 def _labelled_item(key: str, raw: dict[str, bytes]) -> EvalItem | str:

@@ -248,11 +248,11 @@ def test_any_tar_is_read_by_every_reader_and_every_sample_is_accounted_for(membe
         assert len(groups) - bad == len(read) and len(groups) + sum(tar_reader.refused.values()) == runs
 
         converted = convert_shard(path, Path(tmp) / "out.tar", ConvertOptions(check_images=True))
-        assert converted.info.samples + converted.failed_samples == len(set(keys))  # samples in key order
+        assert converted.info.samples + converted.failed_samples == runs  # in key order: the same rule
         assert all(reason for reason in converted.extra.get("failures", {}))
 
         labelled = EvalSet(Path(tmp), "webdataset", None, None, [])
-        assert len(list(_read_labelled_shards(labelled, ["00000.tar"]))) + len(labelled.problems) >= runs
+        assert len(list(_read_labelled_shards(labelled, ["00000.tar"]))) + labelled.skipped == runs
 
 
 def _shard_bytes(tmp: Path) -> bytes:
@@ -384,3 +384,32 @@ def test_folder_images_in_other_formats_are_stored_as_lossless_png(tmp_path, fmt
         # The same pixels: a palette image compared as colours, CMYK (which PNG lacks) as its RGB.
         expected = original.convert({"P": "RGBA", "CMYK": "RGB"}.get(mode, original.mode))
         assert list(png.convert(expected.mode).getdata()) == list(expected.getdata())
+
+
+def test_eval_counts_skipped_samples_not_problem_lines(tmp_path):
+    """A labelled sample refused for two bad members is one skipped sample (and two problems)."""
+    from eval.data import open_classification_set
+
+    write_raw_tar(tmp_path / "00000.tar", [("a.jpg", image_bytes(1)), ("a.cls", b"0"),
+                                           ("../b.jpg", image_bytes(2)), ("../b.cls", b"1"),
+                                           ("c.jpg", image_bytes(3))])  # c: no label
+    eval_set = open_classification_set(tmp_path)
+    assert [item.key for item in eval_set] == ["a"]
+    assert eval_set.skipped == 2 and len(eval_set.problems) == 3
+
+
+def test_a_key_split_in_two_runs_is_refused_alike_in_file_order_and_in_key_order(tmp_path):
+    """Both ways of reading a shard apply one rule: the key's first run is its sample, a later run
+    of the same key (after another key's members) is a second sample of that key, refused."""
+    from data_manifests import TarReader
+
+    record = json.dumps({"key": "a", "texts": {"raw": "a"}, "source": {}}).encode()
+    shard = tmp_path / "00000.tar"
+    write_raw_tar(shard, [("a.jpg", image_bytes(1)), ("a.json", record), ("b.jpg", image_bytes(2)),
+                          ("b.json", record.replace(b'"a"', b'"b"')), ("a.txt", b"late")])
+    for how in ("file order", "key order"):
+        reader = TarReader(shard)
+        got = list(reader) if how == "file order" else list(reader.by_key())
+        assert [key for key, _ in got] == ["a", "b"], how
+        assert sorted(got[0][1]) == ["jpg", "json"], how
+        assert reader.refused == Counter({"key appears more than once in the shard": 1}), how

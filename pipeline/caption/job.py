@@ -13,11 +13,22 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from data_manifests import COMPLETE, DatasetWriter, ManifestError, ShardInfo, TextStats, load_manifest, now_iso
+from data_manifests import (
+    COMPLETE,
+    DatasetWriter,
+    ManifestError,
+    ShardInfo,
+    TextStats,
+    load_manifest,
+    now_iso,
+    top_reasons,
+)
 
 from .config import CaptionConfig
 from .plan import ShardPlan, plan_job
 from .provenance import conflicts, resolve_model, software_versions, text_provenance
+
+MAX_PROBLEMS = 20  # problem lines kept per shard entry, as ingest and index keep
 
 
 class JobError(Exception):
@@ -85,9 +96,9 @@ class CaptionJob:
         """A written output shard (what writer.write_captioned_shard returned) into the books."""
         extra = {"text_identities": plan.identities}
         if out["refused"]:
-            extra["failures"] = out["refused"]
+            extra["failures"] = top_reasons(out["refused"])
         if out["problems"]:
-            extra["problems"] = out["problems"][:50]
+            extra["problems"] = out["problems"][:MAX_PROBLEMS]
         if out["samples_with_errors"]:
             extra["samples_with_errors"] = out["samples_with_errors"]
         self.writer.commit(ShardInfo(**out["info"]), TextStats(out["stats"]),

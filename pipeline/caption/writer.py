@@ -1,8 +1,9 @@
 """Writing a captioned shard: the source shard's samples plus the texts the captioners made.
 
-Shard in, shard out: the output holds exactly the samples of its source, in the same order,
-with their images untouched. Runs wherever Ray puts it (a light task): the driver only passes
-references, so neither images nor texts go through it.
+Shard in, shard out: the output holds the samples of its source, in the same order, with their
+images untouched; a sample the format refuses is left out and counted (see write_captioned_shard).
+Runs wherever Ray puts it (a light task): the driver only passes references, so neither images
+nor texts go through it.
 """
 
 from __future__ import annotations
