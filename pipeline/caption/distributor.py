@@ -298,5 +298,5 @@ def run(job: CaptionJob, plans: list[ShardPlan], address: str | None) -> int:
     """Join (or start) Ray and run the planned shards; the exit status."""
     from pipeline.cluster import connect
 
-    connect(address)
+    connect(address, embedded=True)
     return RayRun(job).run(plans)
