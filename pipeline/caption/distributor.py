@@ -19,9 +19,14 @@ from typing import Any
 
 from data_manifests import ShardWriteError
 
+# Imported with this module, before the driver joins Ray. Imported lazily after joining, a new module
+# of the package was once not found ("No module named pipeline.caption.backends") in the two-node
+# test, whose two nodes on one machine share one folder of unpacked working directories.
+from .captioner import ShardCaptioner
 from .config import CaptionerConfig, TextJob
 from .job import CaptionJob, JobError
 from .plan import ShardPlan
+from .writer import write_captioned_shard
 
 MAX_REPLACEMENTS_PER_REPLICA = 2
 
@@ -29,9 +34,6 @@ MAX_REPLACEMENTS_PER_REPLICA = 2
 def _remote_classes():
     """Ray-decorated actors, built on first use so importing this module needs no Ray."""
     import ray
-
-    from .captioner import ShardCaptioner
-    from .writer import write_captioned_shard
 
     class CaptionActor:
         def __init__(self, cfg: CaptionerConfig, image_max_side: int):
