@@ -26,7 +26,14 @@ from .tar import Problem, ShardReadError, TarReader
 
 
 class ShardWriteError(Exception):
-    """The shard could not be written (disk full, no permission, ...); nothing was published."""
+    """The shard could not be written (disk full, no permission, ...); nothing was published.
+
+    `errno` is the OS error's number (errno.ENOSPC for a full disk), for callers that act on it.
+    """
+
+    def __init__(self, message: str, errno: int | None = None):
+        super().__init__(message)
+        self.errno = errno
 
 
 @dataclass(frozen=True)
@@ -63,7 +70,7 @@ class ShardWriter:
         try:
             self._file = open(self.tmp_path, "wb")
         except OSError as e:
-            raise ShardWriteError(f"cannot create {self.tmp_path}: {e.strerror}") from e
+            raise ShardWriteError(f"cannot create {self.tmp_path}: {e.strerror}", e.errno) from e
         self._hashing = HashingFile(self._file, "w")
         self._tar = tarfile.open(fileobj=self._hashing, mode="w|", format=tarfile.GNU_FORMAT)
         self.samples = 0
@@ -82,7 +89,7 @@ class ShardWriter:
             self._tar.addfile(_tarinfo(f"{sample.key}.json", len(record)), io.BytesIO(record))
         except OSError as e:
             self.abort()
-            raise ShardWriteError(f"cannot write {self.tmp_path}: {e.strerror or e}") from e
+            raise ShardWriteError(f"cannot write {self.tmp_path}: {e.strerror or e}", e.errno) from e
         self.samples += 1
 
     def close(self) -> ShardInfo:
@@ -94,7 +101,7 @@ class ShardWriter:
             publish(self.tmp_path, self.path)
         except OSError as e:
             self.abort()
-            raise ShardWriteError(f"cannot finish {self.path}: {e.strerror or e}") from e
+            raise ShardWriteError(f"cannot finish {self.path}: {e.strerror or e}", e.errno) from e
         return ShardInfo(self.path.name, self.samples, self._hashing.count, self._hashing.sha.hexdigest())
 
     def abort(self) -> None:

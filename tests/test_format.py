@@ -167,3 +167,19 @@ def test_repetition_needs_a_loop_not_just_length():
     varied = " ".join(f"word{i}" for i in range(40))
     assert not is_repetitive(varied)
     assert is_repetitive("the cat sat on the mat " * 6)
+
+
+def test_a_write_error_keeps_its_errno_across_processes():
+    """The caption driver tells a full disk by ShardWriteError.errno, raised in a writer actor: the
+    number must survive pickling (Ray sends the exception back pickled)."""
+    import errno
+    import pickle
+
+    import cloudpickle
+
+    from data_manifests import ShardWriteError
+
+    error = ShardWriteError("cannot write x: No space left on device", errno.ENOSPC)
+    for dumps, loads in ((pickle.dumps, pickle.loads), (cloudpickle.dumps, cloudpickle.loads)):
+        back = loads(dumps(error))
+        assert isinstance(back, ShardWriteError) and back.errno == errno.ENOSPC and str(back) == str(error)
