@@ -41,7 +41,9 @@ from train.config import DataSection  # noqa: E402
 from train.data import MultiTextStream, make_loader, resolve_sources  # noqa: E402
 from train.loss import MultiTextContrastiveLoss  # noqa: E402
 from train.model import HolisticCLIP, load_model_config, param_groups  # noqa: E402
+from train.step import Precision, to_device  # noqa: E402
 from train.tokenizer import load_tokenizer  # noqa: E402
+from train.transform import normalize  # noqa: E402
 
 DESIGNS = {"o2m (H=1)": ("none", 1, "o2m"), "cls (H=5)": ("cls", 5, "m2m"), "mlp (H=5)": ("mlp", 5, "m2m")}
 CONFIGS = {"o2m (H=1)": "o2m", "cls (H=5)": "m2m_cls", "mlp (H=5)": "m2m_mlp"}
@@ -93,8 +95,9 @@ def plain_loops(model_name: str, batches, steps: int, device: str, dtype, grad_c
         for model, loss_fn, optimizer, times in runs.values():
             sync(device)
             t = time.perf_counter()
+            images, tokens = to_device(batch, torch.device(device), Precision(None))  # uint8 -> normalised
             with torch.autocast(device, dtype=dtype, enabled=dtype != torch.float32):
-                out = model(batch["images"].to(device), batch["tokens"].to(device))
+                out = model(images, tokens)
                 loss = loss_fn(out["image"], out["text"], out["logit_scale"])["loss"]
             loss.backward()
             if grad_clip:
@@ -116,7 +119,7 @@ def training_flops(model_name: str, design: str, batch: dict) -> float:
     branch, h, mode = DESIGNS[design]
     model = HolisticCLIP(dataclasses.replace(load_model_config(model_name), branch=branch, num_branches=h))
     with FlopCounterMode(display=False) as counter:
-        out = model(batch["images"][:2].float().cpu(), batch["tokens"][:2].cpu())
+        out = model(normalize(batch["images"][:2].cpu()), [t[:2].cpu() for t in batch["tokens"]])
         MultiTextContrastiveLoss(mode)(out["image"], out["text"], out["logit_scale"])["loss"].backward()
     return counter.get_total_flops() / 2
 

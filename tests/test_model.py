@@ -181,6 +181,12 @@ def test_logit_scale_shape_init_and_clamp():
     with torch.no_grad():
         model.logit_scale.fill_(10.0)
     assert model(images(1), tokens(1))["logit_scale"].item() == pytest.approx(100.0)
+    # The trainer clamps the parameter after each step (train.main.clamp_logit_scale); at the bound
+    # the forward's clamp still passes the gradient, so the scale can come down again.
+    with torch.no_grad():
+        model.logit_scale.fill_(math.log(100.0))
+    model(images(1), tokens(1))["logit_scale"].sum().backward()
+    assert model.logit_scale.grad.item() == pytest.approx(100.0, rel=1e-5)
 
 
 def test_param_groups():

@@ -123,6 +123,20 @@ def test_deepspeed_config(tmp_path):
     assert "optimizer" not in ds and ds["zero_allow_untested_optimizer"]  # torch's AdamW is passed in
 
 
+@pytest.mark.parametrize("precision,fp16", [("bf16", False), ("fp16", True), ("fp32", False)])
+def test_precision_in_deepspeed(tmp_path, precision, fp16):
+    # bf16 is autocast around the forward (train/step.py): DeepSpeed keeps fp32 weights, gradients,
+    # reduction and master copy, so its own bf16 mode (bf16 weights and gradients) stays off.
+    cfg = load_config(write(tmp_path, MINIMAL), [f"train.precision={precision}", "train.zero_stage=1"])
+    ds = deepspeed_config(cfg, world_size=1)
+    assert not ds["bf16"]["enabled"] and ds["fp16"]["enabled"] == fp16
+
+
+def test_fp16_needs_a_zero_stage_with_a_reachable_master_copy(tmp_path):
+    with pytest.raises(ConfigError, match="train: precision fp16 needs zero_stage 1, 2 or 3"):
+        load_config(write(tmp_path, MINIMAL), ["train.precision=fp16", "train.zero_stage=0"])
+
+
 def test_model_config_follows_tokenizer(tmp_path):
     cfg = load_config(write(tmp_path, MINIMAL), ["model.config=tiny", "model.mlp_branch_layers=2",
                                                  "model.branch=mlp", "model.num_branches=3"])

@@ -17,7 +17,7 @@ from data_manifests import DatasetWriter, Sample
 from train.config import DataSection
 from train.data import DataError, MultiTextStream, check_text_ids, make_loader, resolve_source, resolve_sources
 from train.tokenizer import load_tokenizer
-from train.transform import MEAN, STD, eval_transform, random_crop_box, train_transform
+from train.transform import MEAN, STD, eval_transform, normalize, random_crop_box, train_transform
 
 SIZE = 32
 
@@ -55,10 +55,14 @@ def take(iterable, n):
 def test_batches_follow_text_ids(dataset, tokenizer):
     ids = ("style", "main_object", "background")  # any order: branch m gets text_ids[m]
     batch = take(stream(dataset, tokenizer, section(dataset, text_ids=ids)), 1)[0]
-    assert batch["images"].shape == (4, 3, SIZE, SIZE) and batch["images"].dtype == torch.float32
-    assert batch["tokens"].shape == (4, 3, 32) and batch["tokens"].dtype == torch.long
+    assert batch["images"].shape == (4, 3, SIZE, SIZE) and batch["images"].dtype == torch.uint8
+    # One tensor per text type, cut after its longest text (a multiple of 8, at most the context).
+    assert len(batch["tokens"]) == 3 and all(t.dtype == torch.long for t in batch["tokens"])
+    for tokens in batch["tokens"]:
+        assert tokens.shape[0] == 4 and tokens.shape[1] % 8 == 0 and tokens.shape[1] <= 32
+        assert (tokens[:, -8:] != tokenizer.pad_token_id).any()  # no column block that is all padding
     assert len(batch["keys"]) == 4 and batch["index"] == 0
-    for row in batch["tokens"]:
+    for row in zip(*batch["tokens"], strict=True):
         style, shape, background = (tokenizer.decode(t) for t in row)
         assert style.startswith("bright") and style.endswith("tones")
         assert shape.startswith("a ") and len(shape.split()) == 2
@@ -94,7 +98,7 @@ def test_fallback_text_and_dropped_flags(tmp_path, tokenizer):
     data = DataSection(shards=(str(tmp_path / "ds"),), text_ids=("style",), fallback_text_id="raw", num_workers=0,
                        shuffle_buffer=1, resampled=False)
     batch = take(stream(tmp_path / "ds", tokenizer, data, batch=3), 1)[0]
-    texts = {k: tokenizer.decode(t[0]) for k, t in zip(batch["keys"], batch["tokens"], strict=True)}
+    texts = {k: tokenizer.decode(t) for k, t in zip(batch["keys"], batch["tokens"][0], strict=True)}
     assert texts == {"a": "red square", "b": "red square", "c": "warm red"}
     assert batch["counts"]["fallback_texts"] == 2
     without = data.model_copy(update={"fallback_text_id": None})
@@ -137,7 +141,8 @@ def loader_batches(s: MultiTextStream, n: int) -> list[dict]:
 
 
 def same(a: dict, b: dict) -> bool:
-    return a["keys"] == b["keys"] and torch.equal(a["images"], b["images"]) and torch.equal(a["tokens"], b["tokens"])
+    return (a["keys"] == b["keys"] and torch.equal(a["images"], b["images"])
+            and all(torch.equal(x, y) for x, y in zip(a["tokens"], b["tokens"], strict=True)))
 
 
 def test_resumed_stream_is_the_tail_of_the_uninterrupted_one(dataset, tokenizer):
@@ -253,9 +258,10 @@ def test_random_resized_crop_box():
 def test_transforms():
     image = Image.new("RGB", (48, 30), (255, 0, 0))
     out = train_transform(image, 32, (0.9, 1.0), random.Random(0))
-    assert out.shape == (3, 32, 32)
+    assert out.shape == (3, 32, 32) and out.dtype == torch.uint8  # normalised on the device, later
+    assert out[:, 16, 16].tolist() == [255, 0, 0]
     expected = torch.tensor([(1 - MEAN[0]) / STD[0], -MEAN[1] / STD[1], -MEAN[2] / STD[2]])
-    assert torch.allclose(out[:, 16, 16], expected, atol=1e-5)
+    assert torch.allclose(normalize(out)[:, 16, 16], expected, atol=1e-5)
     assert torch.equal(out, train_transform(image, 32, (0.9, 1.0), random.Random(0)))  # seeded
     # Centre crop: a left half black and right half white image stays split in the middle.
     split = Image.new("L", (64, 32), 0)

@@ -20,6 +20,7 @@ a minute, cached under ~/.cache/torch_extensions).
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -229,3 +230,22 @@ def test_non_finite_loss_stops_with_a_clear_message(dataset, tmp_path):
     assert output.count("training stopped before the update") == 1, output[-4000:]
     assert "the loss is nan" in output or "the loss is inf" in output
     assert "The last checkpoint is none" in output and "Traceback" not in output
+
+
+def test_logit_scale_is_clamped_on_the_parameter_under_every_zero_stage():
+    """After a step that pushes it past ln 100, clamp_logit_scale brings the working parameter and
+    the fp32 master copy (ZeRO 1-3) back to ln 100, and the next step starts from there: a clamp of
+    the working copy alone would be undone by the master copy at the next step."""
+    cmd = [str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()),
+           "tests/logit_scale_check.py"]
+    output = ok(run(cmd, {**ENV, "PYTHONPATH": str(ROOT)}))
+    lines = [json.loads(line) for line in output.splitlines() if line.startswith('{"stage"')]
+    assert [r["stage"] for r in lines] == [0, 1, 2, 3], output[-4000:]
+    for r in lines:
+        top = float(torch.tensor(r["max"], dtype=torch.float32))  # ln 100 in the parameter's dtype
+        (before, before_master), (after, after_master), (moved, moved_master) = r["before"], r["after"], r["moved"]
+        assert before > top + 0.4  # the step went past the bound
+        assert after == top and (after_master is None) == (r["stage"] == 0)
+        if after_master is not None:
+            assert after_master == top and before_master == before and moved_master == moved
+        assert top < moved < top + 0.55  # one more step of at most lr, from the bound, not from `before`

@@ -142,13 +142,30 @@ class TrainSection(ConfigModel):
     steps: int = Field(ge=1)  # optimizer steps of the whole run
     global_batch_size: int = Field(ge=1)  # images per optimizer step, all ranks together
     micro_batch_size: int = Field(ge=1)  # images per rank per forward; accumulation = global / (micro * ranks)
+    # bf16: bf16 matmuls (autocast), fp32 weights, gradients, reduction and optimizer (OpenCLIP's
+    # amp_bf16); fp16: DeepSpeed's fp16 mode (fp16 weights and gradients, fp32 master copy, dynamic
+    # loss scaling); fp32. docs/training.md#precision lists every tensor's dtype.
     precision: Literal["bf16", "fp16", "fp32"] = "bf16"
+    # exact: every micro-batch's loss is against the whole global batch (OpenCLIP's accum-freq);
+    # independent: each micro-batch is its own contrastive batch (fewer negatives, a different
+    # objective). docs/training.md#gradient-accumulation.
+    accumulation: Literal["exact", "independent"] = "exact"
+    grad_checkpointing: bool = False  # recompute block activations in the backward pass
+    compile: bool = False  # torch.compile the model (worth it on GPUs; slow to start on a CPU)
     # A Literal alone would take true or 1.0 for 1: the stage is checked as an integer first.
     zero_stage: Annotated[Literal[0, 1, 2, 3], BeforeValidator(TypeAdapter(StrictInt).validate_python)] = 1
     seed: int = 0
     # Extra DeepSpeed config merged over the generated one (e.g. {"zero_optimization":
     # {"overlap_comm": true}}).
     deepspeed: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _fp16_with_a_master_copy(self) -> TrainSection:
+        if self.precision == "fp16" and self.zero_stage == 0:
+            raise ValueError("precision fp16 needs zero_stage 1, 2 or 3: under ZeRO 0, DeepSpeed's fp16 "
+                             "optimizer keeps its fp32 master weights where the logit-scale clamp cannot reach "
+                             "them (ZeRO 1 costs nothing more on one GPU); or use bf16")
+        return self
 
     @field_validator("deepspeed")
     @classmethod

@@ -59,7 +59,7 @@ from data_manifests import (
 )
 
 from .config import DataSection
-from .tokenizer import Tokenizer
+from .tokenizer import Tokenizer, trim_padding
 from .transform import train_transform
 
 log = logging.getLogger(__name__)
@@ -205,7 +205,9 @@ def _seed(*parts: int) -> int:
 
 
 class MultiTextStream(IterableDataset):
-    """Endless micro-batches {"images" (B,3,S,S), "tokens" (B,M,T), "keys", "index", "worker", "counts", "problems"}.
+    """Endless micro-batches {"images" (B,3,S,S) uint8, "tokens" [M x (B,T_m)], "keys", "index", "worker",
+    "counts", "problems"}: the images are normalised by the trainer, on its device
+    (train.transform.normalize), and each text type's tokens are cut to its longest text.
 
     `index` is the micro-batch's position in the rank's stream; `counts` and `problems` are the
     producing worker's running totals (skipped samples and shards), reported by the trainer.
@@ -369,9 +371,11 @@ class MultiTextStream(IterableDataset):
                     next(batches)
             samples = next(batches)
             tokens = self.tokenizer([t for _, _, texts in samples for t in texts])
+            tokens = tokens.view(len(samples), len(self.data.text_ids), -1)
             yield {
-                "images": torch.stack([pixels for _, pixels, _ in samples]),
-                "tokens": tokens.view(len(samples), len(self.data.text_ids), -1),
+                "images": torch.stack([pixels for _, pixels, _ in samples]),  # uint8
+                # One (B, T_m) tensor per text type, cut to its longest text (trim_padding).
+                "tokens": [trim_padding(tokens[:, m], self.tokenizer.pad_token_id) for m in range(tokens.shape[1])],
                 "keys": [key for key, _, _ in samples],
                 "index": index,
                 "worker": worker,

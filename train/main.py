@@ -41,19 +41,23 @@ from train.data import (
     make_loader,
     resolve_sources,
 )
+from train.distributed import Bookkeeping
 from train.export import ExportError, export_checkpoint, probe_inputs
 from train.loss import MultiTextContrastiveLoss
 from train.metrics import Metrics
-from train.model import HolisticCLIP, ModelConfig, count_parameters, load_model_config, param_groups
+from train.model import (
+    LOGIT_SCALE_MAX,
+    HolisticCLIP,
+    ModelConfig,
+    count_parameters,
+    load_model_config,
+    param_groups,
+)
 from train.schedule import make_scheduler
+from train.step import NonFiniteLoss, Precision, run_step, to_device
 from train.tokenizer import Tokenizer, load_tokenizer
 
 log = logging.getLogger("train")
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-
-
-class NonFiniteLoss(RuntimeError):
-    """The loss became NaN or infinite: training stops rather than corrupt the weights."""
 
 
 # ----------------------------------------------------------------------------- set-up
@@ -82,7 +86,10 @@ def deepspeed_config(cfg: TrainConfig, world_size: int) -> dict[str, Any]:
         "gradient_accumulation_steps": t.global_batch_size // (t.micro_batch_size * world_size),
         "gradient_clipping": cfg.optim.grad_clip or 0.0,
         "zero_optimization": {"stage": t.zero_stage},
-        "bf16": {"enabled": t.precision == "bf16"},
+        # bf16 is autocast around the forward (train/step.py): DeepSpeed keeps fp32 weights and
+        # gradients and reduces them in fp32. Its own bf16 mode would keep bf16 weights and
+        # reduce and accumulate gradients in bf16 (docs/training.md#precision).
+        "bf16": {"enabled": False},
         "fp16": {"enabled": t.precision == "fp16", "loss_scale": 0, "initial_scale_power": 16},
         # torch's AdamW as the client optimizer: it runs everywhere and needs no DeepSpeed op
         # compiled with g++ on first use (cpu_adam / fused_adam); "untested" is DeepSpeed's word
@@ -166,6 +173,7 @@ def train(cfg: TrainConfig, resume: str = "auto", stop_at_step: int | None = Non
     deepspeed.init_distributed()
     rank, world_size = dist.get_rank(), dist.get_world_size()
     release_shm_buffer(rank)
+    books = Bookkeeping()  # host-side numbers on a group that serves the CPU (train/distributed.py)
     per_step = cfg.train.micro_batch_size * world_size
     if cfg.train.global_batch_size % per_step:
         raise ConfigError(
@@ -181,6 +189,7 @@ def train(cfg: TrainConfig, resume: str = "auto", stop_at_step: int | None = Non
 
     torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
     model = HolisticCLIP(model_cfg)
+    model.set_grad_checkpointing(cfg.train.grad_checkpointing)
     num_parameters = count_parameters(model)  # before ZeRO-3 partitions them away
     o = cfg.optim
     device_type = get_accelerator().device_name()
@@ -190,11 +199,15 @@ def train(cfg: TrainConfig, resume: str = "auto", stop_at_step: int | None = Non
     engine, optimizer, _, scheduler = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(cfg, world_size)
     )
-    dtype = DTYPES[cfg.train.precision]
+    if cfg.train.compile:
+        engine.compile()
+    precision = Precision.named(cfg.train.precision)
+    device = torch.device(engine.device)
     layout = data_layout(cfg, world_size, urls, model_cfg.image_size, cfg.model.tokenizer)
-    log.info("model %s, branch %s, H=%d, %.1fM parameters; %d ranks x %d images x %d accumulation; ZeRO %d, %s",
-             cfg.model.config, model_cfg.branch, model_cfg.num_branches, num_parameters / 1e6, world_size,
-             cfg.train.micro_batch_size, accumulation, cfg.train.zero_stage, cfg.train.precision)
+    log.info("model %s, branch %s, H=%d, %.1fM parameters; %d ranks x %d images x %d accumulation (%s); "
+             "ZeRO %d, %s", cfg.model.config, model_cfg.branch, model_cfg.num_branches, num_parameters / 1e6,
+             world_size, cfg.train.micro_batch_size, accumulation, cfg.train.accumulation, cfg.train.zero_stage,
+             cfg.train.precision)
 
     step, start_batch, salt = 0, 0, 0
     if start_from is not None:
@@ -244,8 +257,15 @@ def train(cfg: TrainConfig, resume: str = "auto", stop_at_step: int | None = Non
     while step < last_step:
         started = time.perf_counter()
         lr = scheduler.get_last_lr()[0]  # the rate this step uses
+        inputs = []
+        for _ in range(accumulation):
+            t = time.perf_counter()
+            batch = next(batches)
+            window["wait"] += time.perf_counter() - t
+            data_counts.update(batch)
+            inputs.append(to_device(batch, device, precision))
         try:
-            result = run_step(engine, batches, loss_fn, dtype, accumulation, data_counts)
+            result = run_step(engine, inputs, loss_fn, precision, device, books, cfg.train.accumulation)
         except NonFiniteLoss as e:
             values = e.args[0]  # [total, per text type..., diversity]
             raise NonFiniteLoss(
@@ -255,16 +275,15 @@ def train(cfg: TrainConfig, resume: str = "auto", stop_at_step: int | None = Non
                 f"{checkpoint.latest(checkpoint_dir) or 'none'}. Lower optim.lr, raise optim.warmup_steps, "
                 "set optim.grad_clip, or use bf16 instead of fp16, then resume."
             ) from None
+        clamp_logit_scale(engine)
         step += 1
         window["time"] += time.perf_counter() - started
-        window["wait"] += result.data_wait
         window["steps"] += 1
         window["losses"] = window["losses"] + torch.tensor(result.losses, dtype=torch.float64)
         metrics.advance()
 
         if step % cfg.log.every_steps == 0 or step == last_step:
-            counts = data_counts.vector()
-            dist.all_reduce(counts)
+            counts = books.sum(data_counts.vector())
             # Means over the steps since the last log line.
             n, total, losses = window["steps"], window["time"], (window["losses"] / window["steps"]).tolist()
             scalars = {
@@ -291,11 +310,9 @@ def train(cfg: TrainConfig, resume: str = "auto", stop_at_step: int | None = Non
                 metrics.write(f"step {step}: loss {result.losses[0]:.4f}, checkpoint {path}")
 
     if step == cfg.train.steps and cfg.checkpoint.export:  # the last step always checkpoints
-        export_run(engine, dtype, tokenizer, model_cfg, run_dir, checkpoint_dir / checkpoint.tag_for(step), rank)
-    counts = data_counts.vector()
-    dist.all_reduce(counts)
-    problems: list[list[str]] = [[] for _ in range(world_size)]
-    dist.all_gather_object(problems, data_counts.problems())
+        export_run(engine, precision, tokenizer, model_cfg, run_dir, checkpoint_dir / checkpoint.tag_for(step), rank)
+    counts = books.sum(data_counts.vector())
+    problems = books.gather(data_counts.problems())
     metrics.close()
     if rank == 0:
         for problem in sorted({p for ps in problems for p in ps}):
@@ -304,55 +321,45 @@ def train(cfg: TrainConfig, resume: str = "auto", stop_at_step: int | None = Non
         log.info("stopped at step %d of %d; checkpoints in %s", step, cfg.train.steps, checkpoint_dir)
 
 
-@dataclasses.dataclass
-class StepResult:
-    losses: list[float]  # [total, one per text type, diversity], averaged over ranks and micro-batches
-    logit_scale: float
-    data_wait: float  # seconds this rank waited for its data loader
+def clamp_logit_scale(engine) -> None:
+    """Keep the logit scale in [0, ln 100] on the parameter after each optimizer step, as OpenCLIP
+    and EVA-CLIP do (a clamp in the forward pass would zero its gradient for good once it passed).
+
+    The optimizer updates an fp32 master copy where DeepSpeed keeps one (ZeRO 1-3, and the fp16
+    mode, which needs ZeRO >= 1 here) and copies it into the working parameter, so both are
+    clamped. Only this rank's pieces are touched: no collective, no synchronisation.
+    """
+    p = engine.module.logit_scale
+    with torch.no_grad():
+        if hasattr(p, "ds_id"):  # ZeRO-3: both copies are partitioned across ranks
+            from deepspeed.utils import safe_get_local_fp32_param, safe_set_local_fp32_param
+
+            master = safe_get_local_fp32_param(p)
+            if master is not None and master.numel():
+                safe_set_local_fp32_param(p, master.clamp(0, LOGIT_SCALE_MAX))
+            p.ds_tensor.data.clamp_(0, LOGIT_SCALE_MAX)
+            return
+        p.data.clamp_(0, LOGIT_SCALE_MAX)
+        mapping = getattr(p, "_hp_mapping", None)  # ZeRO 1-2: this rank's fragment of the master copy
+        if mapping is not None and mapping.hp_fragment.numel():
+            mapping.hp_fragment.data.clamp_(0, LOGIT_SCALE_MAX)
 
 
-def run_step(engine, batches, loss_fn: MultiTextContrastiveLoss, dtype: torch.dtype, accumulation: int,
-             data_counts: DataCounts) -> StepResult:
-    """One optimizer step: forward and backward of `accumulation` micro-batches; DeepSpeed
-    averages the gradients, clips, and updates at the last one (engine.step is a no-op before)."""
-    import torch.distributed as dist
-
-    sums, wait = None, 0.0
-    for _ in range(accumulation):
-        t = time.perf_counter()
-        batch = next(batches)
-        wait += time.perf_counter() - t
-        data_counts.update(batch)
-        out = engine(batch["images"].to(engine.device, dtype, non_blocking=True), batch["tokens"].to(engine.device))
-        losses = loss_fn(out["image"], out["text"], out["logit_scale"])
-        # One small all-reduce per micro-batch: the logged loss is the global one, and every rank
-        # sees a non-finite loss at the same moment, so all stop together, before the update.
-        reduced = torch.cat([losses["loss"].detach().reshape(1), losses["per_text_type"],
-                             losses["diversity"].reshape(1)])
-        reduced = reduced.double().cpu()
-        dist.all_reduce(reduced)
-        reduced /= dist.get_world_size()
-        if not torch.isfinite(reduced).all():
-            raise NonFiniteLoss(reduced.tolist())
-        engine.backward(losses["loss"])
-        engine.step()
-        sums = reduced if sums is None else sums + reduced
-    return StepResult((sums / accumulation).tolist(), out["logit_scale"].float().item(), wait)
-
-
-def export_run(engine, dtype: torch.dtype, tokenizer: Tokenizer, model_cfg: ModelConfig, run_dir: Path,
+def export_run(engine, precision: Precision, tokenizer: Tokenizer, model_cfg: ModelConfig, run_dir: Path,
                final: Path, rank: int) -> None:
     """RUN/export from the final checkpoint, with a probe computed by the live engine.
 
     The probe forward is collective under ZeRO-3 (parameters are gathered), so every rank runs
-    it; rank 0 converts the checkpoint (zero_to_fp32 for ZeRO >= 1) and writes the export.
+    it; rank 0 converts the checkpoint (zero_to_fp32 for ZeRO >= 1) and writes the export. It
+    runs in the weights' dtype without autocast: fp32 (bf16 runs keep fp32 weights), so the probe
+    is what the exported fp32 weights compute.
     """
     import torch.distributed as dist
 
     images, tokens = probe_inputs(tokenizer, model_cfg.image_size)
     engine.eval()
     with torch.no_grad():
-        out = engine(images.to(engine.device, dtype), tokens.to(engine.device))
+        out = engine(images.to(engine.device, precision.weights), tokens.to(engine.device))
     engine.train()
     if rank == 0:
         weights, state = checkpoint.consolidated_state_dict(final)

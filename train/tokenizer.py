@@ -56,6 +56,19 @@ class Tokenizer:
         raise NotImplementedError
 
 
+def trim_padding(tokens: torch.Tensor, pad_token_id: int, multiple: int = 8) -> torch.Tensor:
+    """tokens (N, T) -> (N, T'): the trailing columns that are padding in every row dropped, T'
+    rounded up to a multiple of `multiple` (kernels like aligned shapes) and at most T.
+
+    Exact for the text tower: it is causal, so the embedding read at a text's end token depends
+    only on the positions up to it, and a column that is padding in every row comes after every
+    row's end token.
+    """
+    used = (tokens != pad_token_id).any(dim=0).nonzero()
+    length = int(used[-1]) + 1 if len(used) else 1
+    return tokens[:, : min(tokens.shape[1], -(-length // multiple) * multiple)]
+
+
 @functools.cache
 def bytes_to_unicode() -> dict[int, str]:
     """Map each of the 256 bytes to a printable character, so BPE works on strings without UNKs."""

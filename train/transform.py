@@ -2,8 +2,9 @@
 docs/environment.md#pytorch-and-torchvision).
 
 Training: random resized crop (area scale 0.9-1.0 and aspect ratio 3/4-4/3, as the paper's
-RandomResizedCrop), bicubic resize, CLIP normalisation. Evaluation: resize the shorter side,
-centre crop, same normalisation. Randomness comes from an explicit random.Random so the data
+RandomResizedCrop), bicubic resize, as uint8: batches cross the data loader at a quarter of the
+float32 size, and the trainer normalises them on the device (`normalize`). Evaluation: resize the
+shorter side, centre crop, the same normalisation, as float. Randomness comes from an explicit random.Random so the data
 stream can reproduce every crop when a run resumes.
 """
 
@@ -22,11 +23,21 @@ STD = (0.26862954, 0.26130258, 0.27577711)
 RATIO = (3 / 4, 4 / 3)
 
 
+def to_uint8(image: Image.Image) -> torch.Tensor:
+    """RGB PIL image -> uint8 tensor (3, H, W)."""
+    return torch.from_numpy(np.asarray(image, dtype=np.uint8).transpose(2, 0, 1).copy())
+
+
+def normalize(images: torch.Tensor) -> torch.Tensor:
+    """uint8 images (..., 3, H, W) on any device -> CLIP-normalised float32, on that device."""
+    mean = torch.tensor(MEAN, dtype=torch.float32, device=images.device).view(3, 1, 1)
+    std = torch.tensor(STD, dtype=torch.float32, device=images.device).view(3, 1, 1)
+    return (images.to(torch.float32) / 255.0 - mean) / std
+
+
 def to_tensor(image: Image.Image) -> torch.Tensor:
     """RGB PIL image -> normalised float tensor (3, H, W)."""
-    array = np.asarray(image, dtype=np.float32) / 255.0
-    array = (array - np.asarray(MEAN, dtype=np.float32)) / np.asarray(STD, dtype=np.float32)
-    return torch.from_numpy(array.transpose(2, 0, 1).copy())
+    return normalize(to_uint8(image))
 
 
 def random_crop_box(width: int, height: int, scale: tuple[float, float],
@@ -59,10 +70,10 @@ def random_crop_box(width: int, height: int, scale: tuple[float, float],
 
 
 def train_transform(image: Image.Image, size: int, scale: tuple[float, float], rng: random.Random) -> torch.Tensor:
-    """Random resized crop to size x size, then normalise."""
+    """Random resized crop to size x size: uint8 (3, size, size), normalised later by `normalize`."""
     image = image.convert("RGB")
     box = random_crop_box(image.width, image.height, scale, rng)
-    return to_tensor(image.resize((size, size), Image.Resampling.BICUBIC, box=box))
+    return to_uint8(image.resize((size, size), Image.Resampling.BICUBIC, box=box))
 
 
 def eval_transform(image: Image.Image, size: int) -> torch.Tensor:
