@@ -15,7 +15,7 @@ below through a module cache, because every launch costs seconds of start-up:
   runs as `python -m train.main`, one rank without the launcher).
 
 The first DeepSpeed launch on a machine compiles its CPU shared-memory comm op with g++ (about
-a minute, cached under ~/.cache/torch_extensions).
+a minute, cached under <venv>/torch_extensions).
 """
 
 from __future__ import annotations

@@ -15,6 +15,7 @@ the config, the outputs and how exact a resumed run is.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import faulthandler
 import hashlib
@@ -23,6 +24,7 @@ import os
 import signal
 import socket
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -138,6 +140,40 @@ def release_shm_buffer(rank: int) -> None:
         path.unlink(missing_ok=True)
 
 
+def extensions_dir() -> Path:
+    """Where torch builds DeepSpeed's JIT ops (on the CPU accelerator: its shared-memory comm op).
+
+    Default: next to the Python environment (<venv>/torch_extensions), so two checkouts or
+    environments never share, and rebuild, one build folder (torch's default,
+    ~/.cache/torch_extensions, is keyed by Python and torch version only). TORCH_EXTENSIONS_DIR
+    wins when set; a read-only environment keeps torch's default.
+    """
+    if "TORCH_EXTENSIONS_DIR" not in os.environ and os.access(sys.prefix, os.W_OK):
+        os.environ["TORCH_EXTENSIONS_DIR"] = str(Path(sys.prefix) / "torch_extensions")
+    return Path(os.environ.get("TORCH_EXTENSIONS_DIR", Path.home() / ".cache" / "torch_extensions"))
+
+
+@contextlib.contextmanager
+def warn_if_waiting_for_a_build(after_s: float = 120.0):
+    """torch waits without a word, and forever, while an op's build folder holds a `lock` file; a
+    build that was killed leaves that file behind. Say which file after `after_s` seconds."""
+    root = extensions_dir()
+    done = threading.Event()
+
+    def watch() -> None:
+        if done.wait(after_s):
+            return
+        for lock in sorted(root.glob("*/*/lock")):
+            log.warning("still waiting for %s: DeepSpeed is building an op there, or a build that was killed "
+                        "left this lock. If no build runs (no ninja or cc1plus process), delete the file.", lock)
+
+    threading.Thread(target=watch, daemon=True, name="build-lock-watch").start()
+    try:
+        yield
+    finally:
+        done.set()
+
+
 def resume_path(resume: str, checkpoint_dir: Path) -> Path | None:
     if resume == "none":
         return None
@@ -170,7 +206,8 @@ def train(cfg: TrainConfig, resume: str = "auto", stop_at_step: int | None = Non
     if cfg.train.precision == "fp16" and not get_accelerator().is_fp16_supported():
         raise ConfigError("train.precision: fp16 is not supported by DeepSpeed on the "
                           f"{get_accelerator().device_name()} accelerator; use bf16 or fp32")
-    deepspeed.init_distributed()
+    with warn_if_waiting_for_a_build():
+        deepspeed.init_distributed()
     rank, world_size = dist.get_rank(), dist.get_world_size()
     release_shm_buffer(rank)
     books = Bookkeeping()  # host-side numbers on a group that serves the CPU (train/distributed.py)
