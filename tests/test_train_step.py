@@ -215,7 +215,9 @@ def cuda_only_worker(rank: int, port: int, out: str) -> None:
         stopped = []
         try:  # every rank sees a non-finite loss of one rank, so all stop together
             from train.step import _checked
-            _checked(torch.tensor([float("nan") if rank == 1 else 1.0]), books)
+            loss = torch.tensor(float("nan") if rank == 1 else 1.0)
+            _checked({"loss": loss, "per_text_type": loss.reshape(1), "diversity": torch.tensor(0.0)},
+                     torch.tensor([14.3]), books)
         except NonFiniteLoss:
             stopped.append(rank)
         torch.save({"failed": failed, "total": total, "mean": mean, "gathered": gathered, "stopped": stopped},

@@ -88,17 +88,15 @@ def to_device(batch: dict[str, Any], device: torch.device, precision: Precision)
     return images, tokens
 
 
-def _losses_vector(losses: dict[str, torch.Tensor]) -> torch.Tensor:
-    return torch.cat([losses["loss"].detach().reshape(1), losses["per_text_type"].detach().reshape(-1),
-                      losses["diversity"].detach().reshape(1)])
-
-
-def _checked(values: torch.Tensor, books: Bookkeeping) -> torch.Tensor:
-    """The mean over ranks on the host, the step's one synchronisation; every rank sees a
-    non-finite loss at the same moment, so all stop together, before any update."""
+def _checked(losses: dict[str, torch.Tensor], logit_scale: torch.Tensor, books: Bookkeeping) -> torch.Tensor:
+    """[total, per text type..., diversity, logit scale], averaged over ranks, on the host: the
+    step's one synchronisation with the device. Every rank sees a non-finite loss at the same
+    moment, so all stop together, before any update."""
+    values = torch.cat([losses["loss"].detach().reshape(1), losses["per_text_type"].detach().reshape(-1),
+                        losses["diversity"].detach().reshape(1), logit_scale.detach().float().reshape(-1)[:1]])
     mean = books.mean(values)
-    if not torch.isfinite(mean).all():
-        raise NonFiniteLoss(mean.tolist())
+    if not torch.isfinite(mean[:-1]).all():
+        raise NonFiniteLoss(mean[:-1].tolist())
     return mean
 
 
@@ -120,11 +118,12 @@ def run_step(engine, inputs: Sequence[tuple[torch.Tensor, Any]], loss_fn: MultiT
             with precision.autocast(device):
                 out = engine(images, tokens)
             losses = loss_fn(out["image"], out["text"], out["logit_scale"])
-            mean = _checked(_losses_vector(losses), books)
+            mean = _checked(losses, out["logit_scale"], books)
             backward(losses["loss"], True)  # DeepSpeed divides by the accumulation steps: the mean
             engine.step()
             sums = mean if sums is None else sums + mean
-        return StepResult((sums / n).tolist(), float(out["logit_scale"].detach().float().reshape(-1)[0]))
+        sums /= n
+        return StepResult(sums[:-1].tolist(), float(sums[-1]))
 
     # Exact: the embeddings of every micro-batch first, without a graph.
     with torch.no_grad(), precision.autocast(device):
@@ -133,7 +132,7 @@ def run_step(engine, inputs: Sequence[tuple[torch.Tensor, Any]], loss_fn: MultiT
     texts_all = [c["text"].float() for c in cached]
     with torch.no_grad():
         losses = loss_fn(torch.cat(images_all), torch.cat(texts_all), cached[0]["logit_scale"])
-    mean = _checked(_losses_vector(losses), books)
+    mean = _checked(losses, cached[0]["logit_scale"], books)
     for j, (images, tokens) in enumerate(inputs):
         with precision.autocast(device):
             out = engine(images, tokens)
@@ -143,4 +142,4 @@ def run_step(engine, inputs: Sequence[tuple[torch.Tensor, Any]], loss_fn: MultiT
         scale = scale.detach() + (scale - scale.detach()) / n  # same value; its gradient once per step
         backward(loss_fn(image, text, scale)["loss"], False)  # a part of one loss's gradient: summed
         engine.step()
-    return StepResult(mean.tolist(), float(cached[0]["logit_scale"].float().reshape(-1)[0]))
+    return StepResult(mean[:-1].tolist(), float(mean[-1]))
