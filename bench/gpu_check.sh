@@ -18,7 +18,7 @@
 # (git-ignored, about 31 MiB): when one of those modules is missing from $PYTHON (default
 # python3), this script makes bench/.venv-gpu-check with --system-site-packages (the machine's
 # CUDA torch stays in use) and installs the missing ones with `pip install --no-index
-# --find-links bench/wheels`. Nothing is downloaded on the GPU machine.
+# --find-links bench/wheels --no-deps`. Nothing is downloaded on the GPU machine.
 #
 # Fetching the wheels (`bench/gpu_check.sh --fetch-wheels` does exactly this): the versions
 # are those of setup/constraints-cpu.txt; binary wheels for CPython 3.12 on x86-64 Linux
@@ -34,8 +34,8 @@
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-WHEELS="$ROOT/bench/wheels"
-VENV="$ROOT/bench/.venv-gpu-check"
+WHEELS="${GPU_CHECK_WHEELS:-$ROOT/bench/wheels}"
+VENV="${GPU_CHECK_VENV:-$ROOT/bench/.venv-gpu-check}"
 PYTHON="${PYTHON:-python3}"
 
 # import name=distribution==version, for everything the trainer, eval and the check import
@@ -100,10 +100,17 @@ if ((${#MISSING[@]})); then
     exit 1
   fi
   echo "gpu_check: installing ${DISTS[*]} from $WHEELS into $VENV" >&2
-  if ! "$PYTHON" -m pip install --quiet --no-index --find-links "$WHEELS" "${DISTS[@]}"; then
+  # --no-deps: PACKAGES holds every requirement beyond the machine's modules, and pip's resolver
+  # would otherwise re-check the requirements of the machine's own torch against bench/wheels.
+  if ! "$PYTHON" -m pip install --quiet --no-index --no-deps --find-links "$WHEELS" "${DISTS[@]}"; then
     echo "gpu_check: FAILED: cannot install from $WHEELS; fill it first on a machine with a package" \
          "registry: bench/gpu_check.sh --fetch-wheels" >&2
     exit 1
   fi
+fi
+mapfile -t MISSING < <(missing "$PYTHON")
+if ((${#MISSING[@]})); then
+  echo "gpu_check: FAILED: still missing after the install: ${MISSING[*]}" >&2
+  exit 1
 fi
 exec "$PYTHON" bench/gpu_check.py "$@"
