@@ -152,7 +152,9 @@ def check(args) -> dict:
 
 def trainer_env(gpu: bool) -> dict:
     path = os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)
-    env = {**os.environ, "PYTHONPATH": path}
+    # This Python's bin first on PATH: DeepSpeed builds its ops with the `ninja` found there, and
+    # alternating between two ninja versions rebuilds them every launch (tests/test_train_launch.py).
+    env = {**os.environ, "PYTHONPATH": path, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     if gpu:
         env["DS_ACCELERATOR"] = "cuda"  # fail loudly rather than fall back to the CPU
     else:

@@ -1,14 +1,18 @@
 """Which rank a process is, per launcher (train/launch.py): the variables each launcher sets go
-in, the decision comes out. No process is started, except in the last test (one `python -m
-train.main` that must refuse an unresolvable launch before importing DeepSpeed)."""
+in, the decision comes out, without starting processes. The last two tests start the trainer:
+`python -m train.main` refusing an unresolvable launch before importing DeepSpeed, and (slow) two
+processes with the variables of a 2-task srun step training one run together."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from conftest import free_port
+from synthetic_data import make_synthetic_dataset
 
 from train.launch import Launch, LaunchError, decide, parse_hostlist, parse_tasks_per_node, slurm_port
 
@@ -151,6 +155,12 @@ def test_mpich_and_intel_mpi_and_deepspeeds_mpich_runner():
     ({"RANK": "4", "WORLD_SIZE": "4", "LOCAL_RANK": "0", "MASTER_ADDR": "a", "MASTER_PORT": "5"},
      ["rank 4 >= world size 4", "RANK=4"]),
     ({"RANK": "x", "WORLD_SIZE": "4"}, ["RANK='x'"]),
+    ({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "1"}, ["local rank 1 >= local world size 1"]),
+    ({"RANK": "1", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "8", "MASTER_ADDR": "a",
+      "MASTER_PORT": "1"}, ["local world size 8 > world size 4"]),
+    ({"SLURM_JOB_ID": "1", "SLURM_STEP_NUM_TASKS": "8", "SLURM_PROCID": "3", "SLURM_LOCALID": "3",
+      "SLURM_NODEID": "2", "SLURM_STEP_TASKS_PER_NODE": "4(x2)", "SLURM_STEP_NODELIST": "n[1-2]"},
+     ["SLURM_NODEID=2", "2 nodes"]),
     ({"SLURM_JOB_ID": "1", "SLURM_STEP_NUM_TASKS": "4", "SLURM_STEP_TASKS_PER_NODE": "4"},
      ["SLURM_PROCID", "SLURM_STEP_NUM_TASKS=4", "srun"]),
     ({"OMPI_COMM_WORLD_SIZE": "4"}, ["OMPI_COMM_WORLD_SIZE=4", "mpirun"]),
@@ -192,3 +202,28 @@ def test_main_refuses_an_unresolvable_launch_with_one_error_line():
     assert result.returncode == 2, result.stderr[-2000:]
     lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(lines) == 1 and "WORLD_SIZE=2" in lines[0] and "Traceback" not in result.stderr
+
+
+@pytest.mark.slow
+def test_an_srun_step_of_two_tasks_trains_as_two_ranks(tmp_path):
+    """End to end: two `python -m train.main` processes with the variables srun gives the tasks
+    of a 2-task step on one node train one run together (DeepSpeed's CPU accelerator, gloo). No
+    Slurm here: the variables are set by hand, as srun would."""
+    data = make_synthetic_dataset(tmp_path / "data", shards=2, per_shard=32)
+    bin_dir = Path(sys.executable).parent  # its ninja first: see tests/test_train_launch.py
+    base = {k: v for k, v in os.environ.items()
+            if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    base |= {"PATH": f"{bin_dir}:{base['PATH']}", "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1",
+             "SLURM_JOB_ID": "4242", "SLURM_STEP_ID": "0", "SLURM_NTASKS": "2", "SLURM_STEP_NUM_TASKS": "2",
+             "SLURM_STEP_TASKS_PER_NODE": "2", "SLURM_STEP_NODELIST": "localhost", "SLURM_NODEID": "0",
+             "MASTER_PORT": str(free_port())}
+    cmd = [sys.executable, "-m", "train.main", "--config", "train/configs/tiny_o2o.yaml",
+           "--set", f"data.shards={data}", "--set", f"output_dir={tmp_path / 'run'}", "--set", "train.steps=2",
+           "--set", "train.global_batch_size=32", "--set", "train.micro_batch_size=16", "--set", "data.num_workers=0",
+           "--set", "checkpoint.export=false", "--set", "log.progress_bar=false"]
+    procs = [subprocess.Popen(cmd, cwd=ROOT, env={**base, "SLURM_PROCID": str(r), "SLURM_LOCALID": str(r)},
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in range(2)]
+    outputs = [p.communicate(timeout=600)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
+    assert "launch: slurm, rank 0 of 2 (local 0 of 2), rendezvous localhost:" in outputs[0]
+    assert "2 ranks x 16 images x 1 accumulation" in outputs[0]

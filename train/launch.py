@@ -104,7 +104,7 @@ def _from_torch_variables(env: Mapping[str, str], free_port: Callable[[], int]) 
     if world == 1 and rank == 0:
         addr = env.get("MASTER_ADDR", "127.0.0.1")
         port = _int(env, "MASTER_PORT") if "MASTER_PORT" in env else free_port()
-        return Launch("torch", 0, _int(env, "LOCAL_RANK", default=0), 1, 1, addr, port)
+        return _checked(Launch("torch", 0, _int(env, "LOCAL_RANK", default=0), 1, 1, addr, port), found)
     missing = [k for k in ("LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT") if not env.get(k, "").strip()]
     if missing:
         raise LaunchError(f"{', '.join(missing)} {'is' if len(missing) == 1 else 'are'} not set for a run of "
