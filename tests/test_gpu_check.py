@@ -21,7 +21,8 @@ def test_gpu_check_cpu_dry_run_passes_and_prints_its_figures(tmp_path):
     env = {**os.environ, "PYTHON": sys.executable}
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
-    result = subprocess.run(["bash", "bench/gpu_check.sh", "--cpu", "--out", str(tmp_path / "check")], cwd=ROOT,
+    result = subprocess.run(["bash", "bench/gpu_check.sh", "--cpu", "--out", str(tmp_path / "check"),
+                             "--peak-tflops", "1"], cwd=ROOT,
                             env=env, capture_output=True, text=True, timeout=900)
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-6000:]
@@ -32,6 +33,9 @@ def test_gpu_check_cpu_dry_run_passes_and_prints_its_figures(tmp_path):
     results = json.loads((tmp_path / "check" / "gpu_check.json").read_text())
     for row in results["runs"].values():
         assert row["samples_per_s"] > 0 and row["train_flops_per_sample"] > 0 and row["peak_memory"]["max_rss_bytes"]
+        # --peak-tflops 1 on the CPU: the MFU arithmetic of the GPU mode, on made-up peak
+        assert row["mfu"] == pytest.approx(row["train_flops_per_sample"] * row["samples_per_s"] / 1e12)
+        assert row["mfu_compute"] > 0
     # H=5 branches and 5 texts cost more FLOPs than one embedding and one text.
     assert results["runs"]["Psi_CLS H=5"]["train_flops_per_sample"] > results["runs"]["O2O"]["train_flops_per_sample"]
     assert results["resume"]["final_step"] == 8 and 0 <= results["eval"]["i2t_R@1"] <= 1
