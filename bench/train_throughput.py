@@ -47,8 +47,15 @@ from train.transform import normalize  # noqa: E402
 
 DESIGNS = {"o2m (H=1)": ("none", 1, "o2m"), "cls (H=5)": ("cls", 5, "m2m"), "mlp (H=5)": ("mlp", 5, "m2m")}
 CONFIGS = {"o2m (H=1)": "o2m", "cls (H=5)": "m2m_cls", "mlp (H=5)": "m2m_mlp"}
-# Dense bf16 tensor-core peaks (FLOP/s) from the vendors' data sheets.
-PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12}
+# Dense bf16 tensor-core peaks (FLOP/s) from the vendors' data sheets, matched as substrings of
+# torch.cuda.get_device_name() in this order: the PCIe/NVL cards before the SXM parts they contain
+# the name of ("NVIDIA H200 NVL" is 835, "NVIDIA H200" 989), A100 before A10.
+PEAK_BF16 = {"H100 PCIe": 756e12, "H100 NVL": 835e12, "H200 NVL": 835e12, "H100": 989e12, "H200": 989e12,
+             "B200": 2250e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12}
+
+
+def peak_bf16(device_name: str) -> float | None:
+    return next((v for k, v in PEAK_BF16.items() if k in device_name), None)
 
 
 def stream_for(root: Path, image_size: int, batch: int, workers: int) -> MultiTextStream:
@@ -112,13 +119,18 @@ def plain_loops(model_name: str, batches, steps: int, device: str, dtype, grad_c
             for design, (_, _, _, times) in runs.items()}
 
 
-def training_flops(model_name: str, design: str, batch: dict) -> float:
-    """FLOPs of one forward + backward, per sample, counted on the CPU for 2 samples."""
+def training_flops(model_name: str, design: str | tuple[str, int, str], batch: dict) -> float:
+    """FLOPs of one forward + backward, per sample, counted on the CPU for 2 samples.
+
+    design: a key of DESIGNS or (branch, H, loss mode). Attention runs on the math backend here:
+    FlopCounterMode has no formula for the CPU's fused attention kernel and would count it as 0.
+    """
+    from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
 
-    branch, h, mode = DESIGNS[design]
+    branch, h, mode = DESIGNS[design] if isinstance(design, str) else design
     model = HolisticCLIP(dataclasses.replace(load_model_config(model_name), branch=branch, num_branches=h))
-    with FlopCounterMode(display=False) as counter:
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
         out = model(normalize(batch["images"][:2].cpu()), [t[:2].cpu() for t in batch["tokens"]])
         MultiTextContrastiveLoss(mode)(out["image"], out["text"], out["logit_scale"])["loss"].backward()
     return counter.get_total_flops() / 2
@@ -224,7 +236,7 @@ def main() -> None:
 
 def bench_gpu(args, tmp: Path, env: dict) -> dict:
     name = torch.cuda.get_device_name()
-    peak = args.peak_tflops * 1e12 if args.peak_tflops else next((v for k, v in PEAK_BF16.items() if k in name), None)
+    peak = args.peak_tflops * 1e12 if args.peak_tflops else peak_bf16(name)
     data = make_synthetic_dataset(tmp / "data224", shards=16, per_shard=64, size=224)
     it = iter(make_loader(stream_for(data, 224, args.gpu_batch, 2)))
     batches = [next(it) for _ in range(2)]

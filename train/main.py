@@ -22,7 +22,6 @@ import hashlib
 import logging
 import os
 import signal
-import socket
 import sys
 import threading
 import time
@@ -45,6 +44,7 @@ from train.data import (
 )
 from train.distributed import Bookkeeping
 from train.export import ExportError, export_checkpoint, probe_inputs
+from train.launch import Launch, LaunchError, decide
 from train.loss import MultiTextContrastiveLoss
 from train.metrics import Metrics
 from train.model import (
@@ -424,24 +424,31 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def _single_process_defaults() -> None:
-    """`python -m train.main` without a launcher: one rank on this machine."""
-    if "RANK" not in os.environ:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        os.environ.update({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1",
-                           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+def _single_process_defaults() -> Launch:
+    """Which rank this process is, from the launcher's variables (train/launch.py), exported for
+    torch.distributed's env:// rendezvous and DeepSpeed. Without a launcher: one rank."""
+    launch = decide(os.environ)
+    os.environ.update(launch.env())
+    return launch
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    _single_process_defaults()
+    try:
+        launch = _single_process_defaults()
+    except LaunchError as e:  # every process prints it: none knows its rank
+        print(f"error: launch: {e}", file=sys.stderr, flush=True)
+        return 2
     # `kill -USR1 <pid>` prints every thread's stack: the first thing to look at when a rank hangs.
     faulthandler.register(signal.SIGUSR1, all_threads=True)
-    rank = int(os.environ["RANK"])
+    rank = launch.rank
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
                         format=f"%(asctime)s rank{rank} %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    if rank == 0:
+        log.info("launch: %s, rank %d of %d (local %d of %d), rendezvous %s:%d", launch.launcher, rank,
+                 launch.world_size, launch.local_rank, launch.local_world_size, launch.master_addr, launch.master_port)
+        for note in launch.notes:
+            log.warning("launch: %s", note)
     try:
         cfg = load_config(args.config, args.set)
         train(cfg, resume=args.resume, stop_at_step=args.stop_at_step)
