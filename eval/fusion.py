@@ -16,18 +16,30 @@ embedding, s_h = <v_h, t>:
   mean_t t> and E[s_h^2] = <V_h^T V_h / N, T^T T / M> (D x D second moments), so the matrix is
   never materialised. They depend on the evaluation set, like any transductive normalisation.
 
+- adaptive:  s = sum_h w_h(t) s_h, with weights from the query text alone:
+  w(t) = softmax_h(cos(t, c_h) / T), c_h the centroid of the normalised embeddings of a sample
+  of the texts branch h was trained on, T a temperature fitted on that sample; both are in the
+  export (train.export.BranchProfile; `python -m train.export --add-branch-profile` adds them to
+  an older export). The weights belong to the text, so one text's scores against every image
+  use the same mix (T2I ranks by each branch as the text asks), and in I2T each candidate text
+  is scored by its own mix. **Decision** (ours, not the paper's): the paper averages, or picks
+  a subset by hand per task (Table 8); adaptive picks per query what the text reads like.
+  docs/method.md#query-adaptive-fusion has why and what it measured.
+
 Embedding customisation (Table 8 of the paper) is a subset B of the branches; every method
-then fuses only those. With one branch all three methods rank identically.
+then fuses only those. With one branch every method ranks identically.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
-METHODS = ("average", "max", "norm-max")
+from train.export import BranchProfile
+
+METHODS = ("average", "max", "norm-max", "adaptive")
 
 
 class FusionError(ValueError):
@@ -38,6 +50,8 @@ class FusionError(ValueError):
 class Fusion:
     method: str = "average"
     branches: tuple[int, ...] | None = None  # None: every branch
+    # adaptive only: the export's branch profile (train.export.load_branch_profile)
+    profile: BranchProfile | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -101,7 +115,12 @@ class Scorer:
             raise FusionError(f"branch {max(self.branches)} does not exist; the model has {image.shape[1]} branches")
         self.image = image[:, self.branches].float().to(device)
         self.text = text.float().to(device)
-        self.mean = self.std = None
+        self.mean = self.std = self.mix = None
+        if fusion.method == "adaptive" and len(self.branches) > 1:
+            if fusion.profile is None:
+                raise FusionError("adaptive fusion needs the export's branch profile (Fusion(profile=...)); "
+                                  "add it with `python -m train.export --add-branch-profile EXPORT`")
+            self.mix = fusion.profile.weights(self.text, self.branches)  # (M, H): one mix per text
         if fusion.method == "norm-max":
             weights = None if text_weights is None else text_weights.to(device)
             self.mean, self.std = branch_score_stats(self.image, self.text, weights)
@@ -110,7 +129,9 @@ class Scorer:
                cols: slice | torch.Tensor = slice(None)) -> torch.Tensor:
         """(len(rows), len(cols)) fused scores of images[rows] against texts[cols], on the scorer's device."""
         per_branch = torch.einsum("nhd,md->hnm", self.image[rows], self.text[cols])
-        if self.fusion.method == "average":
+        if self.mix is not None:  # adaptive: each text's own mix of the branches
+            return torch.einsum("hnm,mh->nm", per_branch, self.mix[cols])
+        if self.fusion.method in ("average", "adaptive"):  # adaptive with one branch: its score, weight 1
             return per_branch.mean(dim=0)
         if self.fusion.method == "max":
             return per_branch.amax(dim=0)

@@ -13,6 +13,7 @@ from eval.branches import branch_text_similarity
 from eval.fusion import Fusion, FusionError, Scorer, branch_score_stats, parse_branches
 from eval.metrics import ranks, recall_at_k, topk_accuracy
 from eval.retrieval import Captions, evaluate_retrieval, retrieval_recalls
+from train.export import BranchProfile
 
 
 def one_caption_each(n: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -112,10 +113,12 @@ def test_blocks_give_the_same_numbers(monkeypatch):
     image = F.normalize(torch.randn(40, 3, 8, generator=g), dim=-1)
     text = F.normalize(torch.randn(70, 8, generator=g), dim=-1)
     image_index, string_index = torch.randint(0, 40, (70,), generator=g), torch.arange(70)
-    for method in ("average", "max", "norm-max"):
-        whole = retrieval_recalls(image, text, image_index, string_index, Fusion(method))
+    profile = BranchProfile(F.normalize(torch.randn(3, 8, generator=g), dim=-1), 0.1)
+    for method in ("average", "max", "norm-max", "adaptive"):
+        fusion = Fusion(method, profile=profile)
+        whole = retrieval_recalls(image, text, image_index, string_index, fusion)
         monkeypatch.setattr(retrieval_module, "BLOCK_ELEMENTS", 50)  # a few rows per block
-        blocked = retrieval_recalls(image, text, image_index, string_index, Fusion(method))
+        blocked = retrieval_recalls(image, text, image_index, string_index, fusion)
         monkeypatch.undo()
         assert blocked == whole
 
@@ -172,6 +175,49 @@ def test_one_branch_ranks_the_same_with_every_fusion():
                    F.normalize(torch.randn(30, 8, generator=g), dim=-1))
     results = [retrieval_recalls(image, text, *one_caption_each(30), Fusion(m)) for m in ("average", "max", "norm-max")]
     assert results[0] == results[1] == results[2]
+
+
+def test_adaptive_weights_on_constructed_cases():
+    centroids = torch.eye(4)[:3] * torch.tensor([[1.0], [1.0], [0.0]])  # branch 2: no text trained it
+    profile = BranchProfile(centroids, temperature=0.05)
+    query = torch.tensor([[0.0, 1.0, 0.0, 0.0],  # identical to branch 1's centroid
+                          [0.6, 0.8, 0.0, 0.0],  # nearer branch 1 than branch 0
+                          [2 ** -0.5, 2 ** -0.5, 0.0, 0.0],  # halfway
+                          [0.0, 0.0, 0.0, 1.0]])  # like neither
+    w = profile.weights(query)
+    assert torch.allclose(w.sum(dim=1), torch.ones(4)) and (w[:, 2] == 0).all()
+    assert w[0].argmax() == 1 and w[0, 1] > 0.99
+    assert w[1, 1] > w[1, 0] and torch.allclose(w[2, :2], torch.tensor([0.5, 0.5]))
+    assert torch.allclose(w[3, :2], torch.tensor([0.5, 0.5]))
+    # A higher temperature flattens the weights towards average fusion.
+    assert 0.5 < BranchProfile(centroids, 100.0).weights(query)[0, 1] < 0.51
+    # A subset: the softmax runs over the chosen branches only.
+    assert torch.allclose(profile.weights(query, [1, 0]), w[:, [1, 0]])
+    assert torch.allclose(profile.weights(query, [2]), torch.ones(4, 1))  # no centroid among them: uniform
+
+    # The fused score is each text's own mix of the branch scores.
+    g = torch.Generator().manual_seed(3)
+    image = F.normalize(torch.randn(5, 3, 4, generator=g), dim=-1)
+    per_branch = torch.einsum("nhd,md->hnm", image, query)
+    want = torch.einsum("hnm,mh->nm", per_branch, w)
+    assert torch.allclose(Scorer(image, query, Fusion("adaptive", profile=profile)).scores(), want, atol=1e-6)
+    assert torch.allclose(Scorer(image, query, Fusion("adaptive", profile=profile)).scores(cols=torch.tensor([3, 0])),
+                          want[:, [3, 0]], atol=1e-6)
+    with pytest.raises(FusionError, match="branch profile"):
+        Scorer(image, query, Fusion("adaptive"))
+
+
+def test_adaptive_with_one_branch_is_the_plain_score():
+    g = torch.Generator().manual_seed(5)
+    image, text = (F.normalize(torch.randn(6, 1, 8, generator=g), dim=-1),
+                   F.normalize(torch.randn(4, 8, generator=g), dim=-1))
+    plain = image[:, 0] @ text.T
+    assert torch.allclose(Scorer(image, text, Fusion("adaptive")).scores(), plain)  # H = 1: no profile needed
+    profile = BranchProfile(F.normalize(torch.randn(1, 8, generator=g), dim=-1), 0.01)
+    assert torch.allclose(Scorer(image, text, Fusion("adaptive", profile=profile)).scores(), plain)
+    # One branch chosen of several: that branch's plain score too.
+    image3 = F.normalize(torch.randn(6, 3, 8, generator=g), dim=-1)
+    assert torch.allclose(Scorer(image3, text, Fusion("adaptive", (2,))).scores(), image3[:, 2] @ text.T)
 
 
 def test_branch_subsets():
