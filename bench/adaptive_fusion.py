@@ -102,7 +102,6 @@ def main() -> int:
                      out / "zeroshot" / f"{attribute}.templates", "--fusion", FUSIONS)
         run_eval("retrieval", "--checkpoint", export, "--data", eval_data, "--fusion", FUSIONS)
         timings[f"eval {name}"] = time.perf_counter() - started
-
     records = {name: [json.loads(line) for line in (out / name / "results.jsonl").read_text().splitlines()]
                for name in runs}
     zs = {name: {r["data"]["dataset_id"].removeprefix("zs-"): r for r in recs if r["task"] == "zeroshot"

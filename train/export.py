@@ -6,9 +6,9 @@
     DIR/tokenizer/          only for a tokenizer that is not the vendored CLIP BPE (a copy)
     DIR/probe.safetensors   a few fixed inputs and the embeddings the training engine gave them;
                             load_exported recomputes them to prove the weights reload intact
-    DIR/branch_profile.safetensors  per branch, the centroid of the training texts that trained
-                            it, for query-adaptive fusion (config.json's "branch_profile" says
-                            how it was made); written by add_branch_profile
+    DIR/branch_profile.safetensors  embeddings of a sample of the texts that trained each branch,
+                            for query-adaptive fusion (config.json's "branch_profile" says how
+                            it was made); written by add_branch_profile
 
 Python:  model, tokenizer, meta = load_exported(DIR)
 CLI:     python -m train.export --checkpoint-dir RUN/checkpoints [--tag step00001000] --out DIR
@@ -189,36 +189,69 @@ def load_exported(path: str | Path, device: str | torch.device = "cpu",
 
 # ----------------------------------------------------------------------------- branch profile
 #
-# Query-adaptive fusion (docs/method.md#query-adaptive-fusion) weighs an image's branches per
-# query text by how much the query reads like the texts each branch was trained on. What it
-# needs travels with the export: per branch, the centroid of the normalised embeddings of a
-# bounded sample of its training texts, and the softmax temperature fitted on that same sample.
+# Query-adaptive fusion (docs/evaluation.md#query-adaptive-fusion) weighs an image's branches per
+# query text by how well the query's own content lines up with the ways the texts that trained
+# each branch vary. What it needs travels with the export: the normalised embeddings of a bounded
+# sample of each branch's training texts, their mean per branch and overall, and the softmax
+# temperature fitted on a held-out half of that sample.
 
 PROFILE_FILE = "branch_profile.safetensors"
-TEXTS_PER_ID = 2000  # sampled training texts per text id: enough for a centroid, seconds to embed
+TEXTS_PER_ID = 2000  # sampled training texts per text id: enough to describe it, seconds to embed
 MAX_SAMPLES_PER_TEXT = 20  # stop reading after TEXTS_PER_ID x this many samples, even if an id is rare
+NEAREST_K = 1  # a query's affinity to a branch: the mean cosine of its k nearest texts of that branch
 TEMPERATURES = tuple(10 ** (k / 8) for k in range(-24, 9))  # 0.001 .. 10, the grid the fit searches
+QUERY_BLOCK = 1024  # queries scored against the bank at once
 
 
 @dataclasses.dataclass
 class BranchProfile:
-    """Per branch, the unit direction of its training texts (zero for a branch no text trained),
-    and the temperature of the softmax that turns a query's cosines with them into weights."""
+    """What adaptive fusion knows of each branch: embeddings of texts that trained it (`texts`,
+    rows tagged by `branch`), their mean per branch (`means`) and over every branch (`mean`),
+    and the temperature of the softmax that turns a query's affinities into branch weights.
 
-    centroids: torch.Tensor  # (H, D) float32
+    Affinity of query t to branch h: the mean of the k largest cos(t - c, u - means[h]) over the
+    rows u of branch h, where c is the mean of the queries scored together (the class prompts of
+    a zero-shot task, the captions of a retrieval pool; `mean` for a single query). Both sides
+    are centred so that what every text shares (a template, the style of a text id) does not
+    decide: the query's own content is matched against the directions in which the branch's
+    training texts vary. A branch no text trained has no rows and gets weight 0.
+    """
+
+    texts: torch.Tensor  # (K, D) float32, L2-normalised
+    branch: torch.Tensor  # (K,) int64: the branch each row describes
+    means: torch.Tensor  # (H, D) float32: mean of each branch's sampled texts (zero without)
+    mean: torch.Tensor  # (D,) float32: mean of every sampled text
     temperature: float
+    k: int = NEAREST_K
+
+    @property
+    def num_branches(self) -> int:
+        return len(self.means)
+
+    def affinities(self, text: torch.Tensor, branches: Sequence[int] | None = None) -> torch.Tensor:
+        """(M, len(branches)) affinities (class docstring); -inf for a branch without rows."""
+        chosen = list(range(self.num_branches)) if branches is None else list(branches)
+        text = text.float()
+        centre = text.mean(dim=0) if len(text) > 1 else self.mean.to(text.device)
+        query = F.normalize(text - centre, dim=-1)
+        out = torch.full((len(text), len(chosen)), float("-inf"), device=text.device)
+        for j, h in enumerate(chosen):
+            rows = self.texts[self.branch == h].to(text.device, torch.float32)
+            if len(rows):
+                rows = F.normalize(rows - self.means[h].to(text.device), dim=-1)
+                k = min(self.k, len(rows))
+                out[:, j] = torch.cat([(q @ rows.T).topk(k, dim=1).values.mean(dim=1)
+                                       for q in query.split(QUERY_BLOCK)])
+        return out
 
     def weights(self, text: torch.Tensor, branches: Sequence[int] | None = None) -> torch.Tensor:
         """(M, len(branches)) weights, each row summing to 1: softmax over the chosen branches of
-        cos(text_m, centroid_h) / temperature. Branches without a centroid get 0, unless no chosen
-        branch has one (then every chosen branch gets the same weight, which is average fusion)."""
-        chosen = list(range(len(self.centroids))) if branches is None else list(branches)
-        centroids = self.centroids[chosen].to(text.device, torch.float32)
-        logits = text.float() @ centroids.T / self.temperature
-        known = centroids.norm(dim=1) > 0
-        if not bool(known.any()):
-            return torch.full_like(logits, 1 / len(chosen))
-        return logits.masked_fill(~known, float("-inf")).softmax(dim=1)
+        affinity / temperature. Branches without texts get 0, unless no chosen branch has any
+        (then every chosen branch gets the same weight, which is average fusion)."""
+        chosen = list(range(self.num_branches)) if branches is None else list(branches)
+        if not any(bool((self.branch == h).any()) for h in chosen):
+            return torch.full((len(text), len(chosen)), 1 / len(chosen), device=text.device)
+        return (self.affinities(text, chosen) / self.temperature).softmax(dim=1)
 
 
 def sample_training_texts(shards: Sequence[str], text_ids: Sequence[str], per_id: int = TEXTS_PER_ID,
@@ -294,29 +327,44 @@ def fit_temperature(sims: torch.Tensor, target: torch.Tensor) -> tuple[float, fl
 def compute_branch_profile(model: HolisticCLIP, tokenizer: Tokenizer, texts: Mapping[str, Sequence[str]],
                            branch_ids: Sequence[str | None],
                            device: str | torch.device = "cpu") -> tuple[BranchProfile, dict[str, Any]]:
-    """The profile of each branch from sampled texts per text id (branch h: its text id's texts)."""
+    """The profile of each branch from sampled texts per text id (branch h: its text id's texts).
+
+    Each id's sample is split in two halves: the first describes the branch (its distinct
+    strings and their mean), the second fits the temperature: the grid value under which the
+    weights, with the held-out texts of every id scored together, give each its own branch the
+    highest mean log-probability.
+    """
     h, d = model.config.num_branches, model.config.embed_dim
-    centroids = torch.zeros(h, d)
-    embedded = {t: embed_text_list(model, tokenizer, texts[t], device=device)
-                for t in dict.fromkeys(b for b in branch_ids if b is not None) if texts.get(t)}
+    means = torch.zeros(h, d)
+    rows, tags, held_out, held_tags, every = [], [], [], [], []
     for m, t in enumerate(branch_ids):
-        if t in embedded:
-            centroids[m] = F.normalize(embedded[t].mean(dim=0), dim=0)
-    info: dict[str, Any] = {"texts": {t: len(texts.get(t, ())) for t in dict.fromkeys(b for b in branch_ids if b)}}
-    known = centroids.norm(dim=1) > 0
-    rows = [(embedded[t], m) for m, t in enumerate(branch_ids) if t in embedded]
-    if int(known.sum()) > 1 and rows:
-        sims = torch.cat([emb for emb, _ in rows]) @ centroids.T
-        sims = sims.masked_fill(~known, float("-inf"))
-        target = torch.cat([torch.full((len(emb),), m, dtype=torch.long) for emb, m in rows])
-        temperature, loss = fit_temperature(sims, target)
-        weights = (sims / temperature).softmax(dim=1)
+        sample = list(texts.get(t) or []) if t is not None else []
+        if not sample:
+            continue
+        half = max(1, len(sample) // 2)
+        described = embed_text_list(model, tokenizer, sample[:half], device=device)
+        means[m] = described.mean(dim=0)
+        every.append(described)
+        distinct = list(dict.fromkeys(sample[:half]))  # each string once
+        rows.append(embed_text_list(model, tokenizer, distinct, device=device))
+        tags.append(torch.full((len(distinct),), m, dtype=torch.long))
+        if len(sample) > half:
+            held_out.append(embed_text_list(model, tokenizer, sample[half:], device=device))
+            held_tags.append(torch.full((len(sample) - half,), m, dtype=torch.long))
+    profile = BranchProfile(torch.cat(rows) if rows else torch.empty(0, d),
+                            torch.cat(tags) if tags else torch.empty(0, dtype=torch.long), means,
+                            torch.cat(every).mean(dim=0) if every else torch.zeros(d), 1.0)
+    info: dict[str, Any] = {"texts": {t: len(texts.get(t, ())) for t in dict.fromkeys(b for b in branch_ids if b)},
+                            "rows": len(profile.texts)}
+    if len(rows) > 1 and held_out:  # more than one branch to choose from: fit the temperature
+        target = torch.cat(held_tags)
+        sims = profile.affinities(torch.cat(held_out))
+        profile.temperature, loss = fit_temperature(sims, target)
+        weights = (sims / profile.temperature).softmax(dim=1)
         info |= {"fit_cross_entropy": round(loss, 4),
                  "own_branch_top": round(float((weights.argmax(dim=1) == target).float().mean()), 4),
                  "own_branch_weight": round(float(weights.gather(1, target[:, None]).mean()), 4)}
-    else:  # one branch (or one with texts): the weights are trivially 1, no temperature to fit
-        temperature = 1.0
-    return BranchProfile(centroids, temperature), info
+    return profile, info
 
 
 def add_branch_profile(export_dir: str | Path, shards: Sequence[str] | None = None,
@@ -344,8 +392,9 @@ def add_branch_profile(export_dir: str | Path, shards: Sequence[str] | None = No
         raise ExportError(f"no texts of {', '.join(map(repr, missing))} in {', '.join(shards)}: "
                           "not this model's training data; give its shards with --data")
     profile, info = compute_branch_profile(model, tokenizer, texts, branch_ids, device)
-    save_file({"centroids": profile.centroids.contiguous()}, str(path / PROFILE_FILE))
-    section = {"method": "centroid-softmax", "file": PROFILE_FILE, "temperature": profile.temperature,
+    save_file({"texts": profile.texts.contiguous(), "branch": profile.branch.contiguous(),
+               "means": profile.means.contiguous(), "mean": profile.mean.contiguous()}, str(path / PROFILE_FILE))
+    section = {"method": "centred-nearest", "file": PROFILE_FILE, "temperature": profile.temperature, "k": profile.k,
                "texts_per_id": texts_per_id, "data": shards, **read, **info, "created": now_iso()}
     meta["branch_profile"] = section
     atomic_write_json(path / "config.json", meta)
@@ -371,21 +420,25 @@ def load_branch_profile(path: str | Path, meta: Mapping[str, Any]) -> BranchProf
     if not section:
         return None
     path = Path(path)
+    again = f"compute it again with `python -m train.export --add-branch-profile {path}`"
     try:
-        centroids = load_file(str(path / section.get("file", PROFILE_FILE)))["centroids"]
+        tensors = load_file(str(path / section.get("file", PROFILE_FILE)))
+        texts, branch, means, mean = (tensors[k] for k in ("texts", "branch", "means", "mean"))
     except (FileNotFoundError, KeyError):
-        raise ExportError(f"{path / PROFILE_FILE}: missing or without 'centroids', though config.json names it; "
-                          f"compute it again with `python -m train.export --add-branch-profile {path}`") from None
-    model = meta["model"]
-    if tuple(centroids.shape) != (model["num_branches"], model["embed_dim"]):
-        raise ExportError(f"{path / PROFILE_FILE}: centroids of shape {list(centroids.shape)}, but the model has "
-                          f"{model['num_branches']} branches of {model['embed_dim']} dimensions; compute it again "
-                          f"with `python -m train.export --add-branch-profile {path}`")
-    return BranchProfile(centroids.float(), float(section["temperature"]))
+        raise ExportError(f"{path / PROFILE_FILE}: missing, or without 'texts', 'branch', 'means' and 'mean', "
+                          f"though config.json names it; {again}") from None
+    h, d = meta["model"]["num_branches"], meta["model"]["embed_dim"]
+    if texts.ndim != 2 or texts.shape[1] != d or branch.shape != (len(texts),) or means.shape != (h, d) or (
+            len(branch) and not 0 <= int(branch.min()) <= int(branch.max()) < h):
+        raise ExportError(f"{path / PROFILE_FILE}: texts of shape {list(texts.shape)} for branches "
+                          f"{sorted(set(branch.tolist()))[:10]}, but the model has {h} branches of {d} dimensions; "
+                          f"{again}")
+    return BranchProfile(texts.float(), branch.long(), means.float(), mean.float(), float(section["temperature"]),
+                         int(section.get("k", NEAREST_K)))
 
 
 def missing_profile_message(path: str | Path) -> str:
-    return (f"{Path(path) / 'config.json'}: this export has no branch profile ('branch_profile', the centroids "
+    return (f"{Path(path) / 'config.json'}: this export has no branch profile ('branch_profile': embeddings "
             "of each branch's training texts), which adaptive fusion needs; add it with "
             f"`python -m train.export --add-branch-profile {path}` (reads a sample of the training texts; "
             "--data SHARDS if they moved)")
