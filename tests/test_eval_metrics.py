@@ -214,15 +214,20 @@ def test_adaptive_weights_on_constructed_cases():
                             torch.zeros(4), 0.05, 1)
     assert torch.allclose(shifted.weights(query[:1]), w[:1])
 
-    # The fused score is each text's own mix of the branch scores.
+    # Ranking images for a text (T2I), each text's own mix of the branch scores; ranking texts for
+    # an image (I2T, zero-shot), the texts' mean mix (multiplicities counted), so they compare alike.
     g = torch.Generator().manual_seed(3)
     image = F.normalize(torch.randn(5, 3, 4, generator=g), dim=-1)
     per_branch = torch.einsum("nhd,md->hnm", image, query)
     mix = profile.weights(query)
-    want = torch.einsum("hnm,mh->nm", per_branch, mix)
-    assert torch.allclose(Scorer(image, query, Fusion("adaptive", profile=profile)).scores(), want, atol=1e-6)
-    assert torch.allclose(Scorer(image, query, Fusion("adaptive", profile=profile)).scores(cols=torch.tensor([3, 0])),
-                          want[:, [3, 0]], atol=1e-6)
+    own = torch.einsum("hnm,mh->nm", per_branch, mix)
+    scorer = Scorer(image, query, Fusion("adaptive", profile=profile))
+    assert torch.allclose(scorer.scores(ranking="images"), own, atol=1e-6)
+    assert torch.allclose(scorer.scores(cols=torch.tensor([3, 0]), ranking="images"), own[:, [3, 0]], atol=1e-6)
+    assert torch.allclose(scorer.scores(), torch.einsum("hnm,h->nm", per_branch, mix.mean(0)), atol=1e-6)
+    counted = Scorer(image, query, Fusion("adaptive", profile=profile), text_weights=torch.tensor([3, 1, 0, 0]))
+    assert torch.allclose(counted.scores(), torch.einsum("hnm,h->nm", per_branch, (3 * mix[0] + mix[1]) / 4),
+                          atol=1e-6)
     with pytest.raises(FusionError, match="branch profile"):
         Scorer(image, query, Fusion("adaptive"))
 

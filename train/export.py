@@ -331,8 +331,8 @@ def compute_branch_profile(model: HolisticCLIP, tokenizer: Tokenizer, texts: Map
 
     Each id's sample is split in two halves: the first describes the branch (its distinct
     strings and their mean), the second fits the temperature: the grid value under which the
-    weights, with the held-out texts of every id scored together, give each its own branch the
-    highest mean log-probability.
+    weights, with each id's held-out texts scored together (as a task's queries are), give each
+    text its own branch with the highest mean log-probability.
     """
     h, d = model.config.num_branches, model.config.embed_dim
     means = torch.zeros(h, d)
@@ -357,8 +357,10 @@ def compute_branch_profile(model: HolisticCLIP, tokenizer: Tokenizer, texts: Map
     info: dict[str, Any] = {"texts": {t: len(texts.get(t, ())) for t in dict.fromkeys(b for b in branch_ids if b)},
                             "rows": len(profile.texts)}
     if len(rows) > 1 and held_out:  # more than one branch to choose from: fit the temperature
+        # Each id's held-out texts are scored together, as the queries of one task or retrieval
+        # pool are: centred on their own mean.
         target = torch.cat(held_tags)
-        sims = profile.affinities(torch.cat(held_out))
+        sims = torch.cat([profile.affinities(emb) for emb in held_out])
         profile.temperature, loss = fit_temperature(sims, target)
         weights = (sims / profile.temperature).softmax(dim=1)
         info |= {"fit_cross_entropy": round(loss, 4),
@@ -403,7 +405,10 @@ def add_branch_profile(export_dir: str | Path, shards: Sequence[str] | None = No
 
 def add_branch_profile_or_warn(export_dir: str | Path, device: str | torch.device = "cpu") -> None:
     """The trainer's call at export time: an export whose profile cannot be made (its shards
-    unreadable from here, say) is still an export; the warning says how to add the profile later."""
+    unreadable from here, say) is still an export; the warning says how to add the profile later.
+    With one branch there is nothing to weigh: no profile."""
+    if json.loads((Path(export_dir) / "config.json").read_text())["num_branches"] == 1:
+        return
     try:
         section = add_branch_profile(export_dir, device=device)
     except (ExportError, OSError) as e:
