@@ -200,7 +200,9 @@ def test_m2m_tables_json_heatmap_and_results_file(capsys, m2m, eval_data, work):
     assert alone["background"]["i2t"]["R@1"] > max(0.8, together["background"]["i2t"]["R@1"])
     assert alone["style"]["i2t"]["R@1"] < together["style"]["i2t"]["R@1"] - 0.3
     code, out, _ = run(capsys, "compare", m2m.parent)
-    assert code == 0 and out.count("m2m cls H=3") == 4 and "average[1]" in out and "style I2T@1" in out
+    # One row per record, and the title of the side-by-side table of the fusions.
+    assert code == 0 and out.count("m2m cls H=3") == 4 + 1 and "average[1]" in out and "style I2T@1" in out
+    assert "fusions side by side" in out and "branch 1 (background)" in out
 
 
 def test_o2o_and_o2m_checkpoints_run_the_same_way(capsys, o2o, eval_data, work):
@@ -220,7 +222,8 @@ def test_o2o_and_o2m_checkpoints_run_the_same_way(capsys, o2o, eval_data, work):
     with Image.open(lines[0]["branch_analysis"]["heatmap"]) as png:
         png.verify()
     code, out, _ = run(capsys, "compare", results)
-    assert code == 0 and out.count("o2o none H=1") == 3 and out.count("o2m none H=1") == 3 and "raw I2T@1" in out
+    assert code == 0 and "raw I2T@1" in out  # 3 rows each, and the title of each one's fusions side by side
+    assert out.count("o2o none H=1") == 3 + 1 and out.count("o2m none H=1") == 3 + 1
 
 
 # ----------------------------------------------------------------------------- zero-shot
