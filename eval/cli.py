@@ -2,13 +2,13 @@
 
     python -m eval zeroshot  --checkpoint RUN/export --data DIR [--classnames FILE] [--templates FILE]
     python -m eval retrieval --checkpoint RUN/export --data DIR [--text-ids raw detail ...]
-    python -m eval compare   RUN_A/results.jsonl RUN_B/results.jsonl ...
+    python -m eval compare   RUN_A/results.jsonl RUN_B/results.jsonl ...   (+ each run's fusions side by side)
 
-Both evaluations take --fusion average|max|norm-max (several, comma-separated, share one
-embedding pass) and --branches (a subset of branches, by index or by the text id that trained
-them). Tables go to stdout; each result is written as OUT/<task>-<data>-<fusion>.json and
-appended to RUN/results.jsonl (RUN: the checkpoint's run directory). docs/evaluation.md has
-the definitions.
+Both evaluations take --fusion average|max|norm-max|adaptive|each-branch (several,
+comma-separated, share one embedding pass; adaptive needs the export's branch profile) and
+--branches (a subset of branches, by index or by the text id that trained them). Tables go to
+stdout; each result is written as OUT/<task>-<data>-<fusion>.json and appended to
+RUN/results.jsonl (RUN: the checkpoint's run directory). docs/evaluation.md has the definitions.
 """
 
 from __future__ import annotations
