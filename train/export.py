@@ -33,6 +33,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import braceexpand
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
@@ -259,19 +260,20 @@ def sample_training_texts(shards: Sequence[str], text_ids: Sequence[str], per_id
                           seed: int = 0) -> tuple[dict[str, list[str]], dict[str, Any]]:
     """Up to `per_id` texts of each text id, streamed from the training shards (text members only).
 
-    shards: the training config's data.shards (directories, globs or .tar files). Shards are read
+    shards: the training config's data.shards: local directories, globs, brace patterns, .tar files
+    or .tar URLs (a URL *directory* is not listed here: give its shards as URLs). Shards are read
     whole, in a seeded random order, until every id has its texts or TEXTS_PER_ID x
     MAX_SAMPLES_PER_TEXT samples were read; a text that is empty or carries one of `drop_flags`
     is left out, as the trainer leaves it out. An unreadable shard is skipped (its samples read
     so far are kept) and counted.
     """
     files: list[str] = []
-    for spec in shards:
+    for spec in (one for pattern in shards for one in braceexpand.braceexpand(pattern)):
         if Path(spec).is_dir():
             files += [str(Path(spec) / name) for name in list_shard_files(spec)]
         elif glob.has_magic(spec):
             files += sorted(glob.glob(spec))
-        elif spec.endswith(".tar") and (Path(spec).is_file() or "://" in spec):
+        elif spec.endswith(".tar") and (Path(spec).is_file() or "://" in spec):  # a URL: read by fsspec
             files.append(spec)
     if not files:
         raise ExportError(f"no .tar shards found in {', '.join(shards) or 'no data given'}; "
