@@ -4,7 +4,7 @@
 
 data.py       evaluation sets: project-format shards, labelled WebDataset shards, class folders
 embed.py      batched, bounded-memory embedding of images and texts
-fusion.py     one score per (image, text) from H branches: average, max, norm-max, branch subsets
+fusion.py     one score per (image, text) from H branches: average, max, norm-max, adaptive, subsets
 metrics.py    ranks with the pessimistic tie rule, recall at k, top-k accuracy
 retrieval.py  I2T / T2I recall per text id and pooled, several captions per image
 zeroshot.py   class names, templates, the text classifier, accuracy

@@ -12,7 +12,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from train.export import ExportError, WeightsMismatch, load_exported
+from train.export import (
+    BranchProfile,
+    ExportError,
+    WeightsMismatch,
+    load_branch_profile,
+    load_exported,
+    missing_profile_message,
+)
 from train.model import HolisticCLIP
 from train.tokenizer import Tokenizer
 
@@ -35,6 +42,16 @@ class Checkpoint:
         ids = self.meta.get("branch_text_ids") or []
         h = self.model.num_branches
         return [ids[m] if m < len(ids) else None for m in range(h)]
+
+    def branch_profile(self) -> BranchProfile:
+        """What adaptive fusion needs; EvalError naming what is missing and how to add it."""
+        try:
+            profile = load_branch_profile(self.path, self.meta)
+        except ExportError as e:
+            raise EvalError(str(e)) from None
+        if profile is None:
+            raise EvalError(missing_profile_message(self.path))
+        return profile
 
     def label(self) -> str:
         """'m2m cls H=3' / 'o2o none H=1': the loss the run used, the branch design and H."""

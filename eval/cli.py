@@ -2,13 +2,13 @@
 
     python -m eval zeroshot  --checkpoint RUN/export --data DIR [--classnames FILE] [--templates FILE]
     python -m eval retrieval --checkpoint RUN/export --data DIR [--text-ids raw detail ...]
-    python -m eval compare   RUN_A/results.jsonl RUN_B/results.jsonl ...
+    python -m eval compare   RUN_A/results.jsonl RUN_B/results.jsonl ...   (+ each run's fusions side by side)
 
-Both evaluations take --fusion average|max|norm-max (several, comma-separated, share one
-embedding pass) and --branches (a subset of branches, by index or by the text id that trained
-them). Tables go to stdout; each result is written as OUT/<task>-<data>-<fusion>.json and
-appended to RUN/results.jsonl (RUN: the checkpoint's run directory). docs/evaluation.md has
-the definitions.
+Both evaluations take --fusion average|max|norm-max|adaptive|each-branch (several,
+comma-separated, share one embedding pass; adaptive needs the export's branch profile) and
+--branches (a subset of branches, by index or by the text id that trained them). Tables go to
+stdout; each result is written as OUT/<task>-<data>-<fusion>.json and appended to
+RUN/results.jsonl (RUN: the checkpoint's run directory). docs/evaluation.md has the definitions.
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ from .report import (
     branch_table,
     compare_table,
     file_stem,
+    fusion_table,
     plot_branch_heatmap,
     read_results,
     retrieval_table,
@@ -46,6 +47,7 @@ from .retrieval import Captions, evaluate_retrieval
 from .zeroshot import LabelMap, build_classifier, load_templates, zeroshot_accuracy
 
 MAX_PROBLEMS_KEPT = 20
+EACH_BRANCH = "each-branch"
 
 
 # ----------------------------------------------------------------------------- arguments
@@ -59,8 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--checkpoint", required=True, metavar="CKPT",
                         help="export directory (config.json + model.safetensors), or a run directory holding export/")
     common.add_argument("--fusion", default="average", metavar="METHOD[,METHOD]",
-                        help=f"branch fusion: {', '.join(METHODS)}; several comma-separated share one "
-                             "embedding pass (default: average)")
+                        help=f"branch fusion: {', '.join(METHODS)}, or {EACH_BRANCH} (every branch alone); "
+                             "several comma-separated share one embedding pass (default: average)")
     common.add_argument("--branches", metavar="LIST",
                         help="branch subset (embedding customisation): indices '0,2' or the text ids that trained them "
                              "'main_object,style' (default: all)")
@@ -124,7 +126,17 @@ def _fusions(args: argparse.Namespace, checkpoint: Checkpoint) -> list[Fusion]:
     methods = [m.strip() for m in args.fusion.split(",") if m.strip()]
     if not methods:
         raise FusionError("--fusion: no method given")
-    return [Fusion(m, branches) for m in dict.fromkeys(methods)]
+    h = checkpoint.model.num_branches
+    out = []
+    for method in dict.fromkeys(methods):
+        if method == EACH_BRANCH:  # each branch alone, as Fusion("average", (m,)) (average[m])
+            out += [Fusion("average", (m,)) for m in (branches or range(h))] if h > 1 else [Fusion("average")]
+            continue
+        fusion = Fusion(method, branches)
+        if method == "adaptive" and len(fusion.chosen(h)) > 1:
+            fusion = Fusion(method, branches, checkpoint.branch_profile())
+        out.append(fusion)
+    return list(dict.fromkeys(out))
 
 
 # ----------------------------------------------------------------------------- shared steps
@@ -279,6 +291,9 @@ def run_compare(args: argparse.Namespace) -> None:
     if not records:
         raise EvalError(f"{', '.join(map(str, args.files))}: no evaluation records")
     print(compare_table(records))
+    side_by_side = fusion_table(records)
+    if side_by_side:
+        print("\n" + side_by_side)
 
 
 COMMANDS = {"zeroshot": run_zeroshot, "retrieval": run_retrieval, "compare": run_compare}

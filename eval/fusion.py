@@ -16,18 +16,30 @@ embedding, s_h = <v_h, t>:
   mean_t t> and E[s_h^2] = <V_h^T V_h / N, T^T T / M> (D x D second moments), so the matrix is
   never materialised. They depend on the evaluation set, like any transductive normalisation.
 
+- adaptive:  s = sum_h w_h(t) s_h, with weights from texts alone (no image, no label):
+  w(t) = softmax_h(a_h(t) / T), a_h(t) the largest cosine between t less the mean of the texts
+  scored with it and a sampled training text of branch h less the mean of branch h's texts; the
+  texts, means and T are in the export (train.export.BranchProfile; `python -m train.export
+  --add-branch-profile` adds them to an older export). Ranking images for a text (T2I), the
+  text's own weights score every image; ranking texts for an image (I2T, zero-shot classes),
+  every text is scored with the texts' mean weights, since texts scored with different mixes
+  are not comparable. **Decision** (ours, not the paper's, which averages or picks a subset by
+  hand per task, Table 8); docs/evaluation.md#query-adaptive-fusion has why and what it measured.
+
 Embedding customisation (Table 8 of the paper) is a subset B of the branches; every method
-then fuses only those. With one branch all three methods rank identically.
+then fuses only those. With one branch every method ranks identically.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
-METHODS = ("average", "max", "norm-max")
+from train.export import BranchProfile
+
+METHODS = ("average", "max", "norm-max", "adaptive")
 
 
 class FusionError(ValueError):
@@ -38,6 +50,8 @@ class FusionError(ValueError):
 class Fusion:
     method: str = "average"
     branches: tuple[int, ...] | None = None  # None: every branch
+    # adaptive only: the export's branch profile (train.export.load_branch_profile)
+    profile: BranchProfile | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -101,16 +115,36 @@ class Scorer:
             raise FusionError(f"branch {max(self.branches)} does not exist; the model has {image.shape[1]} branches")
         self.image = image[:, self.branches].float().to(device)
         self.text = text.float().to(device)
-        self.mean = self.std = None
+        self.mean = self.std = self.mix = self.shared_mix = None
+        if fusion.method == "adaptive" and len(self.branches) > 1:
+            if fusion.profile is None:
+                raise FusionError("adaptive fusion needs the export's branch profile (Fusion(profile=...)); "
+                                  "add it with `python -m train.export --add-branch-profile EXPORT`")
+            self.mix = fusion.profile.weights(self.text, self.branches)  # (M, H): one mix per text
+            # Ranking texts against each other (I2T, zero-shot classes) needs scores of one kind:
+            # one mix for all of them, the mean of theirs (captions counted with multiplicity).
+            share = (torch.ones(len(self.text), device=device) if text_weights is None
+                     else text_weights.to(device, torch.float32))
+            self.shared_mix = (share / share.sum()) @ self.mix
         if fusion.method == "norm-max":
             weights = None if text_weights is None else text_weights.to(device)
             self.mean, self.std = branch_score_stats(self.image, self.text, weights)
 
-    def scores(self, rows: slice | torch.Tensor = slice(None),
-               cols: slice | torch.Tensor = slice(None)) -> torch.Tensor:
-        """(len(rows), len(cols)) fused scores of images[rows] against texts[cols], on the scorer's device."""
+    def scores(self, rows: slice | torch.Tensor = slice(None), cols: slice | torch.Tensor = slice(None),
+               ranking: str = "texts") -> torch.Tensor:
+        """(len(rows), len(cols)) fused scores of images[rows] against texts[cols], on the scorer's device.
+
+        ranking: what the scores will rank, "texts" (each image's row: I2T, zero-shot) or
+        "images" (each text's column: T2I). Only adaptive fusion tells them apart: ranking
+        images, each text scores with its own mix of the branches; ranking texts, with the
+        texts' mean mix, so that the texts compared are scored alike.
+        """
         per_branch = torch.einsum("nhd,md->hnm", self.image[rows], self.text[cols])
-        if self.fusion.method == "average":
+        if self.mix is not None:
+            if ranking == "images":
+                return torch.einsum("hnm,mh->nm", per_branch, self.mix[cols])
+            return torch.einsum("hnm,h->nm", per_branch, self.shared_mix)
+        if self.fusion.method in ("average", "adaptive"):  # adaptive with one branch: its score, weight 1
             return per_branch.mean(dim=0)
         if self.fusion.method == "max":
             return per_branch.amax(dim=0)

@@ -95,6 +95,49 @@ def compare_table(records: Sequence[dict[str, Any]]) -> str:
     return "\n\n".join(out)
 
 
+def fusion_table(records: Sequence[dict[str, Any]]) -> str:
+    """Per checkpoint, the fusions side by side: zero-shot top-1 per evaluation set (an attribute),
+    retrieval R@1 (I2T/T2I) per text id. A single branch is one column whatever the fusion, and
+    zero-shot records bring their per-branch numbers; the newest record of a cell wins. Empty
+    when no checkpoint was evaluated with more than one fusion."""
+    out = []
+    for path in dict.fromkeys(r["checkpoint"]["path"] for r in records):
+        mine = [r for r in records if r["checkpoint"]["path"] == path]
+        cells: dict[tuple[str, str], str] = {}
+        columns: dict[str, None] = {}
+        rows: dict[str, None] = {}
+        for r in mine:
+            data = str(r["data"].get("dataset_id") or Path(r["data"]["path"]).name)
+            branches, ids = r["fusion"]["branches"], r["fusion"].get("branch_text_ids") or []
+            single = len(branches) == 1 and r["checkpoint"]["config"].get("num_branches", 1) > 1
+            column = _branch_column(branches[0], ids[0] if ids else None) if single else r["fusion"]["label"]
+            if r["task"] == "zeroshot":
+                found = [(column, r["metrics"])] + [(_branch_column(b["branch"], b.get("text_id")), b)
+                                                    for b in r["metrics"].get("per_branch", [])]
+                for col, m in found:
+                    columns.setdefault(col)
+                    rows.setdefault(f"zeroshot {data}")
+                    cells[f"zeroshot {data}", col] = _pct(m.get("top1"))
+            else:
+                columns.setdefault(column)
+                for text_id, m in r["metrics"].items():
+                    rows.setdefault(f"retrieval {data} {text_id}")
+                    cells[f"retrieval {data} {text_id}", column] = (
+                        f"{_pct(m['i2t'].get('R@1'))}/{_pct(m['t2i'].get('R@1'))}")
+        fused = [c for c in columns if not c.startswith("branch ")]
+        if len(columns) < 2:
+            continue
+        order = fused + [c for c in columns if c.startswith("branch ")]
+        table = _table(["evaluation", *order], [[row, *(cells.get((row, c), "-") for c in order)] for row in rows])
+        out.append(f"{mine[0]['checkpoint']['label']} ({'/'.join(Path(path).parts[-2:])}): fusions side by side "
+                   "(zero-shot top-1, retrieval I2T/T2I R@1, in %)\n" + table)
+    return "\n\n".join(out)
+
+
+def _branch_column(branch: int, text_id: str | None) -> str:
+    return f"branch {branch}" + (f" ({text_id})" if text_id else "")
+
+
 def _ident(record: dict[str, Any]) -> list[str]:
     path = Path(record["checkpoint"]["path"])
     return ["/".join(path.parts[-2:]), record["checkpoint"]["label"],

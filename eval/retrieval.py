@@ -103,7 +103,7 @@ def retrieval_recalls(image: torch.Tensor, string_emb: torch.Tensor, image_index
     by_string = _grouped(relation[:, 1], relation[:, 0], len(strings))
     block = max(1, BLOCK_ELEMENTS // (h * n))
     t2i = torch.cat([
-        ranks(scorer.scores(cols=q.to(device)).T, _mask(q, by_string, n).to(device)).cpu()
+        ranks(scorer.scores(cols=q.to(device), ranking="images").T, _mask(q, by_string, n).to(device)).cpu()
         for q in torch.arange(len(strings)).split(block)
     ])
     return {

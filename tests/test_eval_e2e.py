@@ -15,6 +15,8 @@ trainer's. Evaluation runs through the CLI in-process (eval.cli.main), exactly a
 - Tables are printed, JSON records and the heatmap PNG are written, results.jsonl grows by one
   line per evaluation, `compare` shows the runs side by side.
 - Zero-shot on labelled shards and on an image folder per class.
+- Query-adaptive fusion with the branch profile added to the trained M2M export; an export
+  without one says what is missing and how to add it; `compare` shows every fusion and branch.
 - Bad input ends in one line naming the file, exit code 2: a checkpoint whose weights are of
   another model size, class names that do not match the labels, an empty evaluation set, ...;
   an image that does not decode is skipped and reported.
@@ -41,7 +43,7 @@ from data_manifests import DatasetWriter, Sample, ShardReader, list_shard_files,
 from eval.cli import main
 from eval.data import read_lines
 from eval.zeroshot import IMAGENET_CLASSNAMES, load_templates
-from train.export import export_checkpoint
+from train.export import add_branch_profile, export_checkpoint
 from train.loss import MultiTextContrastiveLoss
 from train.model import HolisticCLIP, load_model_config
 from train.tokenizer import load_tokenizer
@@ -198,7 +200,9 @@ def test_m2m_tables_json_heatmap_and_results_file(capsys, m2m, eval_data, work):
     assert alone["background"]["i2t"]["R@1"] > max(0.8, together["background"]["i2t"]["R@1"])
     assert alone["style"]["i2t"]["R@1"] < together["style"]["i2t"]["R@1"] - 0.3
     code, out, _ = run(capsys, "compare", m2m.parent)
-    assert code == 0 and out.count("m2m cls H=3") == 4 and "average[1]" in out and "style I2T@1" in out
+    # One row per record, and the title of the side-by-side table of the fusions.
+    assert code == 0 and out.count("m2m cls H=3") == 4 + 1 and "average[1]" in out and "style I2T@1" in out
+    assert "fusions side by side" in out and "branch 1 (background)" in out
 
 
 def test_o2o_and_o2m_checkpoints_run_the_same_way(capsys, o2o, eval_data, work):
@@ -218,7 +222,8 @@ def test_o2o_and_o2m_checkpoints_run_the_same_way(capsys, o2o, eval_data, work):
     with Image.open(lines[0]["branch_analysis"]["heatmap"]) as png:
         png.verify()
     code, out, _ = run(capsys, "compare", results)
-    assert code == 0 and out.count("o2o none H=1") == 3 and out.count("o2m none H=1") == 3 and "raw I2T@1" in out
+    assert code == 0 and "raw I2T@1" in out  # 3 rows each, and the title of each one's fusions side by side
+    assert out.count("o2o none H=1") == 3 + 1 and out.count("o2m none H=1") == 3 + 1
 
 
 # ----------------------------------------------------------------------------- zero-shot
@@ -321,6 +326,65 @@ def test_bundled_files():
     assert len(templates) == 80 and all("{}" in t for t in templates) and templates[0] == "a bad photo of a {}."
     names = read_lines(IMAGENET_CLASSNAMES, "class names")
     assert len(names) == 1000 and names[:2] == ["tench", "goldfish"] and names[-1] == "toilet paper"
+
+
+# ----------------------------------------------------------------------------- adaptive fusion
+
+
+@pytest.fixture(scope="module")
+def m2m_adaptive(work, m2m, train_data) -> Path:
+    """The trained M2M export plus its branch profile, as the trainer writes it at export time."""
+    export = work / "runs" / "m2m_adaptive" / "export"
+    shutil.copytree(m2m, export)
+    add_branch_profile(export, [str(train_data)], texts_per_id=200)
+    return export
+
+
+def test_adaptive_fusion_and_the_side_by_side_table(capsys, m2m_adaptive, m2m, eval_data, work, colour_files):
+    classnames, templates = colour_files
+    colours = colour_dataset(work / "colours_adaptive", labels="name")
+    results = m2m_adaptive.parent / "results.jsonl"
+    code, out, err = run(capsys, "zeroshot", "--checkpoint", m2m_adaptive, "--data", colours, "--templates", templates,
+                         "--fusion", "average,adaptive,each-branch", "--out", work / "adaptive_out")
+    assert code == 0, err
+    code, out, err = run(capsys, "retrieval", "--checkpoint", m2m_adaptive, "--data", eval_data,
+                         "--fusion", "average,adaptive,each-branch", "--out", work / "adaptive_out")
+    assert code == 0, err
+    lines = records(results)
+    labels = [r["fusion"]["label"] for r in lines]
+    assert labels == ["average", "adaptive", "average[0]", "average[1]", "average[2]"] * 2
+    zeroshot = {r["fusion"]["label"]: r["metrics"] for r in lines if r["task"] == "zeroshot"}
+    retrieval = {r["fusion"]["label"]: r["metrics"] for r in lines if r["task"] == "retrieval"}
+    print({k: v["top1"] for k, v in zeroshot.items()})
+    print({k: {t: (m["i2t"]["R@1"], m["t2i"]["R@1"]) for t, m in v.items()} for k, v in retrieval.items()})
+    # Colour prompts: adaptive does about as well as the colour branch ("style") alone.
+    assert zeroshot["adaptive"]["top1"] > 0.6 and zeroshot["adaptive"]["top1"] >= zeroshot["average[0]"]["top1"] - 0.1
+    # Background captions: the background branch's numbers, which averaging dilutes.
+    assert retrieval["adaptive"]["background"]["i2t"]["R@1"] >= retrieval["average"]["background"]["i2t"]["R@1"]
+
+    code, out, _ = run(capsys, "compare", m2m_adaptive.parent)
+    table = out[out.index("fusions side by side"):]
+    assert code == 0 and "adaptive" in table and "branch 0 (style)" in table and "branch 1 (background)" in table
+    assert "zeroshot colours-name" in table and "retrieval synthetic-7 background" in table
+
+
+def test_adaptive_needs_the_branch_profile(capsys, m2m, o2o, eval_data, work):
+    # An export written before branch profiles existed still loads and evaluates...
+    code, _, err = run(capsys, "retrieval", "--checkpoint", m2m, "--data", eval_data, "--text-ids", "style",
+                       "--results", work / "no_profile.jsonl", "--out", work / "no_profile")
+    assert code == 0, err
+    # ...and adaptive says what is missing and how to add it, in one line.
+    code, out, err = run(capsys, "retrieval", "--checkpoint", m2m, "--data", eval_data, "--fusion", "adaptive",
+                         "--results", work / "no_profile.jsonl", "--out", work / "no_profile")
+    assert code == 2 and err.count("\n") == 1, err
+    assert "no branch profile" in err and f"python -m train.export --add-branch-profile {m2m}" in err
+    # One branch (O2O, or a single branch chosen): adaptive is the plain score, no profile needed.
+    code, _, err = run(capsys, "retrieval", "--checkpoint", m2m, "--data", eval_data, "--fusion", "adaptive,average",
+                       "--branches", "style", "--text-ids", "style", "--results", work / "one_branch.jsonl",
+                       "--out", work / "no_profile")
+    assert code == 0, err
+    adaptive, average = records(work / "one_branch.jsonl")
+    assert adaptive["metrics"] == average["metrics"]
 
 
 # ----------------------------------------------------------------------------- bad input

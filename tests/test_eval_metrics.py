@@ -13,6 +13,7 @@ from eval.branches import branch_text_similarity
 from eval.fusion import Fusion, FusionError, Scorer, branch_score_stats, parse_branches
 from eval.metrics import ranks, recall_at_k, topk_accuracy
 from eval.retrieval import Captions, evaluate_retrieval, retrieval_recalls
+from train.export import BranchProfile
 
 
 def one_caption_each(n: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -112,10 +113,13 @@ def test_blocks_give_the_same_numbers(monkeypatch):
     image = F.normalize(torch.randn(40, 3, 8, generator=g), dim=-1)
     text = F.normalize(torch.randn(70, 8, generator=g), dim=-1)
     image_index, string_index = torch.randint(0, 40, (70,), generator=g), torch.arange(70)
-    for method in ("average", "max", "norm-max"):
-        whole = retrieval_recalls(image, text, image_index, string_index, Fusion(method))
+    profile = BranchProfile(F.normalize(torch.randn(6, 8, generator=g), dim=-1), torch.tensor([0, 1, 2, 0, 1, 2]),
+                            torch.randn(3, 8, generator=g) / 3, torch.randn(8, generator=g) / 3, 0.1, k=2)
+    for method in ("average", "max", "norm-max", "adaptive"):
+        fusion = Fusion(method, profile=profile)
+        whole = retrieval_recalls(image, text, image_index, string_index, fusion)
         monkeypatch.setattr(retrieval_module, "BLOCK_ELEMENTS", 50)  # a few rows per block
-        blocked = retrieval_recalls(image, text, image_index, string_index, Fusion(method))
+        blocked = retrieval_recalls(image, text, image_index, string_index, fusion)
         monkeypatch.undo()
         assert blocked == whole
 
@@ -172,6 +176,73 @@ def test_one_branch_ranks_the_same_with_every_fusion():
                    F.normalize(torch.randn(30, 8, generator=g), dim=-1))
     results = [retrieval_recalls(image, text, *one_caption_each(30), Fusion(m)) for m in ("average", "max", "norm-max")]
     assert results[0] == results[1] == results[2]
+
+
+def profile_of(texts: torch.Tensor, branch: list[int], h: int, temperature: float, k: int = 1) -> BranchProfile:
+    """A profile whose means are zero: a single query's affinity is then its plain cosine with the texts."""
+    return BranchProfile(texts, torch.tensor(branch), torch.zeros(h, texts.shape[1]), torch.zeros(texts.shape[1]),
+                         temperature, k)
+
+
+def test_adaptive_weights_on_constructed_cases():
+    # One text per branch for branches 0 and 1; branch 2: no text trained it.
+    texts = torch.eye(4)[:2]
+    profile = profile_of(texts, [0, 1], 3, temperature=0.05)
+    query = torch.tensor([[0.0, 1.0, 0.0, 0.0],  # identical to branch 1's text
+                          [0.6, 0.8, 0.0, 0.0],  # nearer branch 1 than branch 0
+                          [2 ** -0.5, 2 ** -0.5, 0.0, 0.0],  # halfway
+                          [0.0, 0.0, 0.0, 1.0]])  # like neither
+    w = torch.cat([profile.weights(q[None]) for q in query])  # one query at a time
+    assert torch.allclose(w.sum(dim=1), torch.ones(4)) and (w[:, 2] == 0).all()
+    assert w[0].argmax() == 1 and w[0, 1] > 0.99
+    assert w[1, 1] > w[1, 0] and torch.allclose(w[2, :2], torch.tensor([0.5, 0.5]))
+    assert torch.allclose(w[3, :2], torch.tensor([0.5, 0.5]))
+    # A higher temperature flattens the weights towards average fusion.
+    assert 0.5 < profile_of(texts, [0, 1], 3, 100.0).weights(query[:1])[0, 1] < 0.51
+    # A subset: the softmax runs over the chosen branches only.
+    assert torch.allclose(profile.weights(query[:1], [1, 0]), w[:1, [1, 0]])
+    assert torch.allclose(profile.weights(query, [2]), torch.ones(4, 1))  # no text among them: uniform
+    # Nearest texts: the query's nearest text of a branch counts, wherever the branch's others lie.
+    bank = profile_of(torch.cat([texts, F.normalize(torch.tensor([[1.0, 0.2, 0, 0]]), dim=1)]), [0, 1, 1], 3, 0.05)
+    near_e0 = F.normalize(torch.tensor([[1.0, 0.3, 0, 0]]), dim=1)  # nearest text: branch 1's second one
+    assert profile.weights(near_e0).argmax() == 0 and bank.weights(near_e0).argmax() == 1
+    # Queries scored together are centred on their mean (what they share, e.g. a template, does
+    # not decide); a branch's texts on the branch's mean.
+    template = torch.tensor([0.0, 0.0, 3.0, 0.0])
+    assert torch.allclose(profile.weights(query[:2] + template), profile.weights(query[:2]))
+    shifted = BranchProfile(texts + template, torch.tensor([0, 1]), torch.stack([template, template, torch.zeros(4)]),
+                            torch.zeros(4), 0.05, 1)
+    assert torch.allclose(shifted.weights(query[:1]), w[:1])
+
+    # Ranking images for a text (T2I), each text's own mix of the branch scores; ranking texts for
+    # an image (I2T, zero-shot), the texts' mean mix (multiplicities counted), so they compare alike.
+    g = torch.Generator().manual_seed(3)
+    image = F.normalize(torch.randn(5, 3, 4, generator=g), dim=-1)
+    per_branch = torch.einsum("nhd,md->hnm", image, query)
+    mix = profile.weights(query)
+    own = torch.einsum("hnm,mh->nm", per_branch, mix)
+    scorer = Scorer(image, query, Fusion("adaptive", profile=profile))
+    assert torch.allclose(scorer.scores(ranking="images"), own, atol=1e-6)
+    assert torch.allclose(scorer.scores(cols=torch.tensor([3, 0]), ranking="images"), own[:, [3, 0]], atol=1e-6)
+    assert torch.allclose(scorer.scores(), torch.einsum("hnm,h->nm", per_branch, mix.mean(0)), atol=1e-6)
+    counted = Scorer(image, query, Fusion("adaptive", profile=profile), text_weights=torch.tensor([3, 1, 0, 0]))
+    assert torch.allclose(counted.scores(), torch.einsum("hnm,h->nm", per_branch, (3 * mix[0] + mix[1]) / 4),
+                          atol=1e-6)
+    with pytest.raises(FusionError, match="branch profile"):
+        Scorer(image, query, Fusion("adaptive"))
+
+
+def test_adaptive_with_one_branch_is_the_plain_score():
+    g = torch.Generator().manual_seed(5)
+    image, text = (F.normalize(torch.randn(6, 1, 8, generator=g), dim=-1),
+                   F.normalize(torch.randn(4, 8, generator=g), dim=-1))
+    plain = image[:, 0] @ text.T
+    assert torch.allclose(Scorer(image, text, Fusion("adaptive")).scores(), plain)  # H = 1: no profile needed
+    profile = profile_of(F.normalize(torch.randn(1, 8, generator=g), dim=-1), [0], 1, 0.01)
+    assert torch.allclose(Scorer(image, text, Fusion("adaptive", profile=profile)).scores(), plain)
+    # One branch chosen of several: that branch's plain score too.
+    image3 = F.normalize(torch.randn(6, 3, 8, generator=g), dim=-1)
+    assert torch.allclose(Scorer(image3, text, Fusion("adaptive", (2,))).scores(), image3[:, 2] @ text.T)
 
 
 def test_branch_subsets():

@@ -117,3 +117,69 @@ def test_hugging_face_tokenizer_travels_with_the_export(tmp_path):
     assert torch.equal(tokenizer(["a red circle"]), ids[:1])
     with torch.no_grad():
         assert torch.allclose(loaded.encode_text(ids), pooled, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- branch profile (adaptive fusion)
+
+
+@pytest.fixture(scope="module")
+def texts_data(tmp_path_factory):
+    from synthetic_data import make_synthetic_dataset
+
+    return make_synthetic_dataset(tmp_path_factory.mktemp("profile") / "ds", shards=3, per_shard=16, size=16)
+
+
+def test_branch_profile_round_trip(tmp_path, texts_data):
+    from train.export import PROFILE_FILE, add_branch_profile, embed_text_list, load_branch_profile, main
+
+    m, tok = model(h=4), load_tokenizer("clip", 32)  # H = 4 > 3 texts: branch 3 has no profile
+    out = export_checkpoint(tmp_path / "export", m, m.config, text_ids=TEXT_IDS, tokenizer="clip",
+                            training={"data": [str(texts_data)]}, probe=probe_of(m, tok))
+    meta = load_exported(out)[2]
+    assert "branch_profile" not in meta and load_branch_profile(out, meta) is None  # an export without one loads
+
+    section = add_branch_profile(out, texts_per_id=10)  # the shards the export records
+    assert section["texts"] == {"raw": 10, "detail": 10, "background": 10} and section["samples_read"] == 10
+    assert section["data"] == [str(texts_data)] and 0.001 <= section["temperature"] <= 10
+    assert section["method"] == "centred-nearest" and section["k"] == 1 and 0 <= section["own_branch_top"] <= 1
+    loaded, tokenizer, meta = load_exported(out)  # the probe still checks: the weights are untouched
+    assert meta["branch_profile"] == section and (out / PROFILE_FILE).is_file()
+    profile = load_branch_profile(out, meta)
+    assert profile.texts.shape == (section["rows"], 32) and set(profile.branch.tolist()) == {0, 1, 2}
+    assert profile.num_branches == 4 and profile.temperature == section["temperature"] and profile.k == 1
+    assert torch.allclose(profile.texts.norm(dim=1), torch.ones(len(profile.texts)))
+    # Branch h: the distinct strings of the first half of its text id's sample, and their mean (the
+    # other half fits the temperature); branch 3 (no text) has neither.
+    first_half = load_raw_sample(texts_data, "raw", 10)[:5]
+    embedded = embed_text_list(loaded, tokenizer, first_half)
+    assert torch.allclose(profile.means[0], embedded.mean(0), atol=1e-5) and not profile.means[3].any()
+    distinct = embed_text_list(loaded, tokenizer, list(dict.fromkeys(first_half)))
+    assert torch.allclose(profile.texts[profile.branch == 0], distinct, atol=1e-5)
+    # A query whose own content (less the queries' common part) is one of branch h's training
+    # texts (less its branch's mean) puts most weight on that branch; branch 3 gets none.
+    for row, h in zip(profile.texts, profile.branch.tolist(), strict=True):
+        w = profile.weights((row - profile.means[h] + profile.mean)[None])
+        assert w.argmax() == h and w[0, 3] == 0, (h, w)
+
+    # The CLI adds it to an export that has none; without recorded shards it says to give --data.
+    bare = export_checkpoint(tmp_path / "bare", m, m.config, text_ids=TEXT_IDS, tokenizer="clip")
+    assert main(["--add-branch-profile", str(bare), "--texts-per-id", "4"]) == 1
+    assert main(["--add-branch-profile", str(bare), "--data", str(texts_data), "--texts-per-id", "4"]) == 0
+    assert load_branch_profile(bare, load_exported(bare)[2]).texts.shape[1] == 32
+    # A profile that does not belong to the model is named.
+    meta = json.loads((bare / "config.json").read_text())
+    save_file({"texts": torch.zeros(2, 16), "branch": torch.zeros(2, dtype=torch.long), "means": torch.zeros(4, 16),
+               "mean": torch.zeros(16)}, str(bare / PROFILE_FILE))
+    with pytest.raises(ExportError, match="texts of shape"):
+        load_branch_profile(bare, meta)
+    (bare / PROFILE_FILE).unlink()
+    with pytest.raises(ExportError, match="missing"):
+        load_branch_profile(bare, meta)
+
+
+def load_raw_sample(data, text_id: str, n: int) -> list[str]:
+    """The texts sample_training_texts takes: shards in its seeded order, first n usable texts."""
+    from train.export import sample_training_texts
+
+    texts, _ = sample_training_texts([str(data)], [text_id], n)
+    return texts[text_id]

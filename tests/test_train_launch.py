@@ -165,6 +165,11 @@ def test_training_run(runs, name, tmp_path):
     assert ((meta["branch"], meta["num_branches"], meta["text_ids"])
             == (config.split("_")[-1] if h > 1 else "none", h, text_ids))
     assert meta["training"]["zero_stage"] == stage and meta["training"]["step"] == STEPS
+    # The branch profile for adaptive fusion, from the training shards (none with one branch).
+    assert ("branch_profile" in meta) == (h > 1)
+    if h > 1:
+        section = meta["branch_profile"]  # the dataset is smaller than the sample: every text is read
+        assert list(section["texts"]) == text_ids and all(n > 300 for n in section["texts"].values()), section
     check = meta["probe_check"]
     if precision == "fp32":
         assert check["max_abs_diff"] < 1e-5, check

@@ -43,7 +43,7 @@ from train.data import (
     resolve_sources,
 )
 from train.distributed import Bookkeeping
-from train.export import ExportError, export_checkpoint, probe_inputs
+from train.export import ExportError, add_branch_profile_or_warn, export_checkpoint, probe_inputs
 from train.launch import Launch, LaunchError, decide
 from train.loss import MultiTextContrastiveLoss
 from train.metrics import Metrics
@@ -404,6 +404,7 @@ def export_run(engine, precision: Precision, tokenizer: Tokenizer, model_cfg: Mo
                  "text_embeddings": out["text"].float().cpu()}
         target = export_checkpoint(run_dir / "export", weights, model_cfg, text_ids=state["text_ids"],
                                    tokenizer=state["tokenizer"], training=state["training"], probe=probe)
+        add_branch_profile_or_warn(target, device=engine.device)  # adaptive fusion's profile (issue 19)
         log.info("exported %s -> %s", final, target)
     dist.barrier()
 
