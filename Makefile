@@ -18,7 +18,7 @@ lint: setup
 
 test: setup
 	$(if $(GPU),,$(VENV)/bin/ruff check .)
-	$(PY) -m pytest -q -ra $(PYTEST_ARGS)
+	$(PY) -m pytest -q -ra --durations=15 $(PYTEST_ARGS)
 
 demo: setup
 	PATH="$(abspath $(VENV))/bin:$$PATH" $(PY) -m demo $(DEMO_ARGS)

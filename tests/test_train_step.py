@@ -240,3 +240,19 @@ def test_bookkeeping_runs_on_a_group_that_serves_only_cuda(tmp_path):
 def test_which_backends_serve_the_cpu():
     assert serves_cpu("gloo") and serves_cpu("cpu:gloo,cuda:nccl")
     assert not serves_cpu("nccl") and not serves_cpu("cuda:gloo") and not serves_cpu("cuda:nccl")
+
+
+def test_the_model_and_step_run_under_torch_compile():
+    """train.compile runs DeepSpeed's engine.compile(), i.e. torch.compile of the model (inductor
+    on GPUs; its C++ build takes minutes on this CPU, so CI traces with aot_eager: the same graph
+    capture and autograd, without code generation). The compiled step gives the same loss and
+    gradients, also with exact accumulation and per-type token lengths that change between calls."""
+    images, tokens = batch(GLOBAL, 3, seed=8)
+    reference = step_gradients("cls", 3, "m2m", 3, images, tokens, 2)
+    model = model_for("cls", 3)
+    compiled = torch.compile(model, backend="aot_eager")
+    inputs = [(images[i:i + 4], [trim_padding(tokens[i:i + 4, m], 0) for m in range(3)]) for i in (0, 4)]
+    result = run_step(PlainEngine(compiled, 2), inputs, MultiTextContrastiveLoss("m2m", 0.5, -1.0),
+                      Precision.named("fp32"), torch.device("cpu"), Bookkeeping())
+    grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    assert_same((result.losses, grads), reference)
