@@ -7,17 +7,18 @@ only backend serves CUDA tensors (what DeepSpeed's NCCL group is on a GPU).
 from __future__ import annotations
 
 import dataclasses
-import socket
+from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from conftest import free_port
 
 from train.distributed import Bookkeeping, serves_cpu
 from train.loss import MultiTextContrastiveLoss
 from train.model import HolisticCLIP, load_model_config
-from train.step import NonFiniteLoss, Precision, run_step
+from train.step import NonFiniteLoss, Precision, _checked, run_step
 from train.tokenizer import trim_padding
 
 TINY = load_model_config("tiny")
@@ -26,12 +27,6 @@ GLOBAL = 8  # images per step, all ranks together
 # (branch, H, loss mode, M): o2o, o2m, Psi_CLS and Psi_MLP with H = M, and free matching (M > H).
 DESIGNS = [("none", 1, "o2o", 1), ("none", 1, "o2m", 3), ("cls", 3, "m2m", 3), ("mlp", 3, "m2m", 3),
            ("cls", 2, "m2m", 4)]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def model_for(branch: str, h: int) -> HolisticCLIP:
@@ -172,6 +167,12 @@ def test_gradient_checkpointing_gives_the_same_gradients():
 WORLD = 2
 
 
+def on_two_ranks(worker, tmp_path: Path) -> list[dict]:
+    """Run worker(rank, port, out) on WORLD processes; what each rank saved as OUT/<rank>.pt."""
+    mp.spawn(worker, args=(free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+    return [torch.load(tmp_path / f"{rank}.pt") for rank in range(WORLD)]
+
+
 def accumulation_worker(rank: int, port: int, out: str) -> None:
     images, tokens = batch(GLOBAL, 4, seed=7)
     reference = step_gradients("cls", 2, "m2m", 4, images, tokens, 1)  # one process, the whole batch
@@ -191,9 +192,7 @@ def accumulation_worker(rank: int, port: int, out: str) -> None:
 
 
 def test_exact_accumulation_on_two_ranks_matches_one_process(tmp_path):
-    mp.spawn(accumulation_worker, args=(free_port(), str(tmp_path)), nprocs=WORLD, join=True)
-    for rank in range(WORLD):
-        saved = torch.load(tmp_path / f"{rank}.pt")
+    for saved in on_two_ranks(accumulation_worker, tmp_path):
         for accumulation in (1, 2, 4):
             assert_same(saved["ranks"][accumulation], saved["reference"])
 
@@ -214,7 +213,6 @@ def cuda_only_worker(rank: int, port: int, out: str) -> None:
         gathered = books.gather([f"problem of rank {rank}"])
         stopped = []
         try:  # every rank sees a non-finite loss of one rank, so all stop together
-            from train.step import _checked
             loss = torch.tensor(float("nan") if rank == 1 else 1.0)
             _checked({"loss": loss, "per_text_type": loss.reshape(1), "diversity": torch.tensor(0.0)},
                      torch.tensor([14.3]), books)
@@ -227,9 +225,7 @@ def cuda_only_worker(rank: int, port: int, out: str) -> None:
 
 
 def test_bookkeeping_runs_on_a_group_that_serves_only_cuda(tmp_path):
-    mp.spawn(cuda_only_worker, args=(free_port(), str(tmp_path)), nprocs=WORLD, join=True)
-    for rank in range(WORLD):
-        saved = torch.load(tmp_path / f"{rank}.pt")
+    for rank, saved in enumerate(on_two_ranks(cuda_only_worker, tmp_path)):
         assert "No backend type associated with device type cpu" in saved["failed"]
         assert saved["total"].tolist() == [3.0, 20.0] and saved["total"].dtype == torch.float64
         assert saved["mean"].tolist() == [0.5]

@@ -14,7 +14,7 @@ Python:  model, tokenizer, meta = load_exported(DIR)
 CLI:     python -m train.export --checkpoint-dir RUN/checkpoints [--tag step00001000] --out DIR
          (after the fact, from a DeepSpeed checkpoint of any ZeRO stage; the trainer exports
          RUN/export itself at the end of a run).
-         python -m train.export --branch-profile DIR [--data SHARDS ...] [--texts-per-id 2000]
+         python -m train.export --add-branch-profile DIR [--data SHARDS ...] [--texts-per-id 2000]
          (adds the branch profile to an export that has none, from its training shards).
 """
 
@@ -42,7 +42,7 @@ from torch import nn
 from data_manifests import ShardReader, ShardReadError, atomic_write_json, list_shard_files, now_iso
 
 from .model import HolisticCLIP, ModelConfig
-from .tokenizer import Tokenizer, load_tokenizer
+from .tokenizer import Tokenizer, load_tokenizer, trim_padding
 from .transform import preprocess_spec
 
 log = logging.getLogger(__name__)
@@ -308,10 +308,8 @@ def embed_text_list(model: HolisticCLIP, tokenizer: Tokenizer, texts: Sequence[s
     out = [torch.empty(0, model.config.embed_dim)]
     pad = getattr(tokenizer, "pad_token_id", 0)
     for start in range(0, len(texts), batch_size):
-        tokens = tokenizer(list(texts[start:start + batch_size]))
-        # Causal text tower: padding after the batch's last non-pad token changes nothing.
-        length = int(((tokens != pad) * torch.arange(1, tokens.shape[1] + 1)).amax().clamp(min=1))
-        out.append(model.encode_text(tokens[:, :length].to(device)).float().cpu())
+        tokens = trim_padding(tokenizer(list(texts[start:start + batch_size])), pad)  # exact: causal tower
+        out.append(model.encode_text(tokens.to(device)).float().cpu())
     return torch.cat(out)
 
 
@@ -344,11 +342,12 @@ def compute_branch_profile(model: HolisticCLIP, tokenizer: Tokenizer, texts: Map
         if not sample:
             continue
         half = max(1, len(sample) // 2)
-        described = embed_text_list(model, tokenizer, sample[:half], device=device)
+        position = {text: i for i, text in enumerate(dict.fromkeys(sample[:half]))}  # each string once
+        distinct = embed_text_list(model, tokenizer, list(position), device=device)
+        described = distinct[[position[text] for text in sample[:half]]]  # with multiplicity
         means[m] = described.mean(dim=0)
         every.append(described)
-        distinct = list(dict.fromkeys(sample[:half]))  # each string once
-        rows.append(embed_text_list(model, tokenizer, distinct, device=device))
+        rows.append(distinct)
         tags.append(torch.full((len(distinct),), m, dtype=torch.long))
         if len(sample) > half:
             held_out.append(embed_text_list(model, tokenizer, sample[half:], device=device))

@@ -425,7 +425,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def _single_process_defaults() -> Launch:
+def _join_launch() -> Launch:
     """Which rank this process is, from the launcher's variables (train/launch.py), exported for
     torch.distributed's env:// rendezvous and DeepSpeed. Without a launcher: one rank."""
     launch = decide(os.environ)
@@ -436,7 +436,7 @@ def _single_process_defaults() -> Launch:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        launch = _single_process_defaults()
+        launch = _join_launch()
     except LaunchError as e:  # every process prints it: none knows its rank
         print(f"error: launch: {e}", file=sys.stderr, flush=True)
         return 2
