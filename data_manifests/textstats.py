@@ -49,15 +49,21 @@ class TextStats:
         for text_id in sample.errors:
             self.raw.setdefault(text_id, _empty())["errors"] += 1
 
-    def merge(self, other: TextStats | dict[str, dict[str, Any]]) -> None:
+    def merge(self, other: TextStats | dict[str, dict[str, Any]], sign: int = 1) -> None:
+        """Add another's counters; `sign=-1` takes a shard's counters back out (a redone shard:
+        the counters are plain sums, so subtracting is exact and costs one shard, not a rebuild)."""
         raw = other.raw if isinstance(other, TextStats) else other
         for text_id, src in raw.items():
             dst = self.raw.setdefault(text_id, _empty())
             for field in ("count", "errors", "chars"):
-                dst[field] += int(src.get(field, 0))
+                dst[field] += sign * int(src.get(field, 0))
             for name in ("flags", "words_hist"):
                 for k, v in src.get(name, {}).items():
-                    dst[name][k] = dst[name].get(k, 0) + int(v)
+                    n = dst[name].get(k, 0) + sign * int(v)
+                    if n:
+                        dst[name][k] = n
+                    else:
+                        dst[name].pop(k, None)
 
     def to_json(self) -> dict[str, dict[str, Any]]:
         """Mergeable counters plus the derived summary, as stored in manifests and records."""

@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 
 import pytest
 from helpers import PROVENANCE, make_dataset, make_sample
@@ -92,15 +93,10 @@ def test_crash_while_writing_the_manifest_leaves_the_old_one(tmp_path):
     make_dataset(tmp_path, shards=1, per_shard=2)
     before = (tmp_path / MANIFEST_NAME).read_bytes()
     code = textwrap.dedent(f"""
-        import os, json
+        import os
         import data_manifests.manifest as mm
-        real_dump = json.dump
-        def dump_then_die(obj, f, **kw):
-            f.write('{{"half": ')
-            f.flush()
-            os._exit(9)
-        mm.json.dump = dump_then_die
         w = mm.DatasetWriter({str(tmp_path)!r}, stage="test")
+        os.fsync = lambda fd: os._exit(9)  # the new manifest is written, not yet renamed into place
         w.flush()
     """)
     r = subprocess.run([sys.executable, "-c", code], capture_output=True)
@@ -175,3 +171,91 @@ def test_records_directory_holds_one_record_per_finished_shard(tmp_path):
     assert records == ["00000.tar.json", "00001.tar.json", "00002.tar.json"]
     rec = json.loads((tmp_path / RECORDS_DIR / "00001.tar.json").read_text())
     assert rec["status"] == COMPLETE and rec["samples"] == 2 and rec["text_stats"]["raw"]["count"] == 2
+
+
+def test_a_redone_shard_replaces_its_counters_without_reading_the_other_records(tmp_path, monkeypatch):
+    import data_manifests.manifest as mm
+
+    make_dataset(tmp_path, shards=3, per_shard=6)
+    writer = DatasetWriter(tmp_path, stage="test")
+    read = []
+    real = mm.read_json
+    monkeypatch.setattr(mm, "read_json", lambda path, what: read.append(path.name) or real(path, what))
+    # Shard 1 again, with a text more per sample (what an incremental run does to every shard).
+    samples = [make_sample(1, i) for i in range(4)]
+    for s in samples:
+        s.texts["extra"] = "one more text"
+    writer.write_shard("00001.tar", samples)
+    assert read == ["00001.tar.json"]  # its own old record, none of the others
+    writer.finish()
+    monkeypatch.undo()
+    rebuilt = mm.TextStats()
+    for name in ("00000.tar", "00001.tar", "00002.tar"):
+        rebuilt.merge(json.loads((tmp_path / RECORDS_DIR / f"{name}.json").read_text())["text_stats"])
+    assert writer.manifest.text_stats.to_json() == rebuilt.to_json()
+    assert rebuilt.raw["raw"]["count"] == 16 and rebuilt.raw["extra"]["count"] == 4
+    assert load_manifest(tmp_path).text_stats.to_json() == rebuilt.to_json()
+
+    # Without its old record the totals are rebuilt from the records.
+    (tmp_path / RECORDS_DIR / "00002.tar.json").unlink()
+    writer = DatasetWriter(tmp_path, stage="test")
+    writer.write_shard("00002.tar", [make_sample(2, i) for i in range(2)])
+    assert writer.manifest.text_stats.raw["raw"]["count"] == 12
+
+
+def test_the_manifest_is_written_off_the_committing_thread_and_records_stay_the_truth(tmp_path, monkeypatch):
+    import threading
+
+    import data_manifests.manifest as mm
+
+    names = [f"{s:05d}.tar" for s in range(4)]
+    writer = DatasetWriter(tmp_path, stage="test", flush_every_s=0)
+    writer.expect(names)
+    writer.set_texts(PROVENANCE)
+    gate = threading.Event()
+    real_write = mm._ManifestFlusher._write
+    threads = set()
+
+    def slow_write(self, obj, taken_ns):
+        threads.add(threading.current_thread().name)
+        gate.wait(10)
+        real_write(self, obj, taken_ns)
+
+    monkeypatch.setattr(mm._ManifestFlusher, "_write", slow_write)
+    writer.write_shard(names[0], [make_sample(0, i) for i in range(3)])  # its rewrite is held back
+    writer.flush_every_s = 3600
+    writer.write_shard(names[1], [make_sample(1, i) for i in range(4)])  # does not wait for it
+    gate.set()
+    deadline = time.monotonic() + 10
+    while writer._flusher._written < 1:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    assert threads == {"manifest-writer"}
+    on_disk = json.loads((tmp_path / MANIFEST_NAME).read_text())
+    assert on_disk["counts"]["shards_complete"] == 1  # the snapshot taken before shard 1
+    # That file landed after shard 1's record, but is dated to its snapshot: the record is newer
+    # and load_manifest reads it.
+    assert load_manifest(tmp_path).num_samples == 7
+    writer.finish()
+    # The final write, made when nothing more can be committed, is not back-dated: readers of a
+    # finished dataset read manifest.json alone.
+    assert not mm._has_newer_records(tmp_path, (tmp_path / MANIFEST_NAME).stat().st_mtime_ns + 1)
+    assert json.loads((tmp_path / MANIFEST_NAME).read_text())["counts"]["samples"] == 7
+
+
+def test_a_failed_manifest_write_is_raised_to_the_job(tmp_path, monkeypatch):
+    import errno
+
+    import data_manifests.manifest as mm
+
+    writer = DatasetWriter(tmp_path, stage="test", flush_every_s=0)
+    writer.set_texts(PROVENANCE)
+
+    def full(self, obj, taken_ns):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(mm._ManifestFlusher, "_write", full)
+    writer.write_shard("00000.tar", [make_sample(0, 0)])  # its background rewrite fails
+    with pytest.raises(OSError, match="No space left"):
+        writer.flush()
+    assert not [p for p in tmp_path.iterdir() if ".partial-" in p.name]
