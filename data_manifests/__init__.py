@@ -17,6 +17,7 @@ from .files import (
                     readable_name,
 )
 from .img2dataset import read_img2dataset_stats, stats_path, top_reasons
+from .lock import DatasetLocked, hold_lock
 from .manifest import (
                     COMPLETE,
                     FAILED,
@@ -28,6 +29,7 @@ from .manifest import (
                     list_shard_files,
                     load_manifest,
                     read_json,
+                    write_intent,
 )
 from .quality import quality_flags
 from .sample import RAW, Sample, SampleFormatError, check_text_id, sha256_hex
@@ -36,10 +38,11 @@ from .tar import MemberName, Problem, ShardReadError, TarReader, parse_member_na
 from .textstats import TextStats
 
 __all__ = [
-    "COMPLETE", "FAILED", "PARTIAL_GLOB", "PENDING", "RAW", "DatasetWriter", "Manifest", "ManifestError", "MemberName",
-    "Problem", "Sample", "SampleFormatError", "ShardEntry", "ShardInfo", "ShardReadError", "ShardReader",
-    "ShardWriteError", "ShardWriter", "TarReader", "TextStats", "atomic_open", "atomic_write_bytes",
-    "atomic_write_json", "atomic_write_text", "check_text_id", "list_shard_files", "load_manifest",
-    "now_iso", "open_binary", "parse_member_name", "partial_name", "partial_path", "publish", "quality_flags",
-    "read_img2dataset_stats", "read_json", "readable_name", "sha256_hex", "stats_path", "top_reasons",
+    "COMPLETE", "FAILED", "PARTIAL_GLOB", "PENDING", "RAW", "DatasetLocked", "DatasetWriter", "Manifest",
+    "ManifestError", "MemberName", "Problem", "Sample", "SampleFormatError", "ShardEntry", "ShardInfo",
+    "ShardReadError", "ShardReader", "ShardWriteError", "ShardWriter", "TarReader", "TextStats", "atomic_open",
+    "atomic_write_bytes", "atomic_write_json", "atomic_write_text", "check_text_id", "hold_lock",
+    "list_shard_files", "load_manifest", "now_iso", "open_binary", "parse_member_name", "partial_name",
+    "partial_path", "publish", "quality_flags", "read_img2dataset_stats", "read_json", "readable_name",
+    "sha256_hex", "stats_path", "top_reasons", "write_intent",
 ]

@@ -28,17 +28,18 @@ import os
 import threading
 import time
 import uuid
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from .files import atomic_write_json, now_iso, partial_path, publish
-from .shard import ShardInfo
+from .shard import ShardInfo, file_sha256
 from .textstats import TextStats
 
 FORMAT = "holiclip-dataset/1"
 MANIFEST_NAME = "manifest.json"
 RECORDS_DIR = "_shards"
+INTENT_SUFFIX = ".intent"  # _shards/<name>.intent: the record a shard about to replace its file will have
 
 COMPLETE, FAILED, PENDING = "complete", "failed", "pending"
 IN_PROGRESS, INCOMPLETE = "in_progress", "incomplete"
@@ -289,6 +290,7 @@ class DatasetWriter:
                            sha256=info.sha256, completed=now_iso(), failed_samples=failed_samples,
                            info=extra or {})
         atomic_write_json(record, {**entry.to_json(), "text_stats": stats.to_json()})
+        (self.root / RECORDS_DIR / f"{info.name}{INTENT_SUFFIX}").unlink(missing_ok=True)
         self.manifest.shards[info.name] = entry
         if old_stats is None:  # the old record is gone: the totals are rebuilt from all records
             self._rebuild_stats()
@@ -297,6 +299,29 @@ class DatasetWriter:
             self.manifest.text_stats.merge(stats)
         self.maybe_flush()
         return entry
+
+    def recover_intents(self) -> list[str]:
+        """Record the shards a stopped job published but did not record (see write_intent).
+
+        A published file that matches its intent (same SHA-256) is recorded from the intent; an
+        intent whose file was never published is dropped. Only shards in flight when a job
+        stopped have one, so this reads a handful of files whatever the size of the dataset.
+        """
+        recovered = []
+        for path in sorted((self.root / RECORDS_DIR).glob(f"*{INTENT_SUFFIX}")):
+            try:
+                intent = read_json(path, "intent record")
+                info = ShardInfo(**intent["info"])
+                _, sha = file_sha256(self.shard_path(info.name))
+            except (ManifestError, KeyError, TypeError, FileNotFoundError):
+                sha, info = None, None
+            entry = self.manifest.shards.get(info.name) if info else None
+            if info and sha == info.sha256 and not (entry and entry.status == COMPLETE and entry.sha256 == sha):
+                self.commit(info, TextStats(intent.get("text_stats", {})),
+                            failed_samples=intent.get("failed_samples", 0), extra=intent.get("extra"))
+                recovered.append(info.name)
+            path.unlink(missing_ok=True)
+        return recovered
 
     def write_shard(self, name: str, samples, *, failed_samples: int = 0,
                     extra: dict[str, Any] | None = None) -> ShardEntry:
@@ -360,6 +385,19 @@ class DatasetWriter:
         self.flush()
         self._flusher.close()
         return self.manifest
+
+
+def write_intent(root: str | os.PathLike, info: ShardInfo, stats: TextStats, *, failed_samples: int = 0,
+                 extra: dict[str, Any] | None = None) -> None:
+    """Phase one of recording a shard whose file replaces a published one: what its record will
+    say, written by whoever publishes it, after the new file is on disk and before the rename
+    (ShardWriter.close's `before_publish`). If the job stops between the rename and the record,
+    the next job's `recover_intents` records the shard from it: the texts the replaced file did
+    not have (an incremental run's) are never taken for missing, nor the file rebuilt without
+    them. The committing DatasetWriter removes the intent with its record."""
+    atomic_write_json(Path(root) / RECORDS_DIR / f"{info.name}{INTENT_SUFFIX}",
+                      {"info": asdict(info), "text_stats": stats.raw, "failed_samples": failed_samples,
+                       "extra": extra or {}})
 
 
 def _record_stats(path: Path) -> dict[str, Any] | None:

@@ -16,7 +16,7 @@ import io
 import os
 import tarfile
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -92,17 +92,22 @@ class ShardWriter:
             raise ShardWriteError(f"cannot write {self.tmp_path}: {e.strerror or e}", e.errno) from e
         self.samples += 1
 
-    def close(self) -> ShardInfo:
+    def close(self, before_publish: Callable[[ShardInfo], None] | None = None) -> ShardInfo:
+        """Finish the file and publish it. `before_publish(info)` runs once the file is on disk and
+        before it replaces `path`: the place for an intent record (DatasetWriter.recover_intents)."""
         try:
             self._tar.close()
             self._file.flush()
             os.fsync(self._file.fileno())
             self._file.close()
+            info = ShardInfo(self.path.name, self.samples, self._hashing.count, self._hashing.sha.hexdigest())
+            if before_publish is not None:
+                before_publish(info)
             publish(self.tmp_path, self.path)
         except OSError as e:
             self.abort()
             raise ShardWriteError(f"cannot finish {self.path}: {e.strerror or e}", e.errno) from e
-        return ShardInfo(self.path.name, self.samples, self._hashing.count, self._hashing.sha.hexdigest())
+        return info
 
     def abort(self) -> None:
         for close in (self._tar.close, self._file.close):

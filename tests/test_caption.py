@@ -164,6 +164,8 @@ def test_killed_driver_resumes_to_the_same_texts(ray_cluster, reference, models,
     drivers = [p for p in _processes(rf"pipeline\.caption --config {re.escape(str(config))}")
                if p.name().startswith("python")]
     assert len(drivers) == 1
+    # The output's lock names the running job (`ray job submit`'s id), for a second job's refusal.
+    assert f"Ray job {job}" in (tmp_path / "out" / ".caption.lock").read_text()
     drivers[0].send_signal(signal.SIGKILL)
     assert _wait_job_end(ray_cluster, job).endswith("FAILED")
     done_before = len(list((tmp_path / "out" / "_shards").glob("*.json")))
@@ -171,7 +173,9 @@ def test_killed_driver_resumes_to_the_same_texts(ray_cluster, reference, models,
 
     r = submit(ray_cluster, config)
     assert r.returncode == 0 and "succeeded" in r.stdout, r.stdout[-4000:]
-    assert f"{6 - done_before} shards to caption" in r.stdout  # only what was missing
+    # A shard published in the instant before the kill is recorded from its intent, not redone.
+    recovered = r.stdout.count("recorded now")
+    assert f"{6 - done_before - recovered} shards to caption" in r.stdout  # only what was missing
     assert verify(tmp_path / "out").returncode == 0
     # Every sample exactly once (read_texts asserts it), with the texts of the uninterrupted run.
     assert read_texts(tmp_path / "out") == reference["texts"]
@@ -367,3 +371,19 @@ def test_read_only_output_is_refused_before_any_work(images, models, small_disk,
                        capture_output=True, text=True, env={**os.environ, **ENV}, cwd=ROOT, timeout=300)
     assert r.returncode == 2, r.stdout + r.stderr
     assert str(disk / "out") in r.stderr and ("not writable" in r.stderr or "Read-only" in r.stderr), r.stderr
+
+
+def test_a_second_job_on_the_same_output_is_refused_naming_the_first(images, models, tmp_path):
+    from data_manifests import hold_lock
+
+    config = write_config(tmp_path / "job.yaml", images, tmp_path / "out",
+                          [captioner("tiny-qwen", models["qwen"], TWO_PROMPTS)])
+    held = hold_lock(tmp_path / "out", "caption", "Ray job raysubmit_first")  # as a running driver holds it
+    try:
+        r = subprocess.run([sys.executable, "-m", "pipeline.caption", "--config", str(config), "--no-progress"],
+                           capture_output=True, text=True, env={**os.environ, **ENV}, cwd=ROOT, timeout=300)
+    finally:
+        held.close()
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert "another caption job is writing to this directory: Ray job raysubmit_first, pid" in r.stderr, r.stderr
+    assert not (tmp_path / "out" / "manifest.json").exists()

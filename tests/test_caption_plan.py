@@ -215,3 +215,57 @@ def test_writer_counts_the_samples_it_leaves_out(tmp_path):
     assert sum(out["refused"].values()) == 2 and out["refused"]["cannot be stored with its new texts"] == 1
     assert any("sample b" in p and "surrogate" in p for p in out["problems"])
     assert any("../c.jpg" in p for p in out["problems"])
+
+
+def test_a_driver_killed_between_publishing_and_recording_a_shard_loses_no_text(images, tmp_path, model_dir, capsys):
+    """The crash window of an incremental run: the writer has replaced shard 0 (old texts plus the
+    new prompt's) and the driver dies before its record says so. The next run records the shard
+    from its intent; without it, the shard would be rebuilt from the image dataset with the new
+    prompt's texts only, and the earlier texts would be lost without a word."""
+    import json
+
+    from data_manifests import ShardReader
+    from pipeline.caption.job import CaptionJob
+    from pipeline.caption.writer import write_captioned_shard
+
+    def config(ids):
+        return base(images, tmp_path, model_dir, prompts={"set": "default", "ids": ids})
+
+    def texts(tid):
+        return ShardResult(texts={f"00000{i:04d}": {tid: f"{tid} of {i}"} for i in range(2)})
+
+    job = CaptionJob(parse_config(config(["detail"]), "job.yaml", check_engine_args=False), progress=False)
+    plan = job.prepare()[0]
+    output = str(job.writer.shard_path(plan.name))
+    job.commit(plan, write_captioned_shard(plan.source, output, [texts("detail")], plan.identities), None)
+    job.writer.finish()
+    job.lock.close()
+
+    # The incremental run (the new prompt only), killed right after the writer published shard 0.
+    code = f"""
+import json, os
+from pipeline.caption.captioner import ShardResult
+from pipeline.caption.config import parse_config
+from pipeline.caption.job import CaptionJob
+from pipeline.caption.writer import write_captioned_shard
+job = CaptionJob(parse_config(json.loads({json.dumps(json.dumps(config(["style"])))}), "job.yaml",
+                              check_engine_args=False), progress=False)
+plan = job.prepare()[0]
+assert plan.name == "00000.tar" and plan.source.startswith({json.dumps(str(tmp_path / "out"))}), plan
+results = [ShardResult(texts={{f"00000{{i:04d}}": {{"style": f"style of {{i}}"}} for i in range(2)}})]
+write_captioned_shard(plan.source, str(job.writer.shard_path(plan.name)), results, plan.identities)
+os._exit(9)  # the driver is gone: shard 0 is published, its record still says 'detail' only
+"""
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 9, r.stderr[-3000:]
+
+    job = CaptionJob(parse_config(config(["style"]), "job.yaml", check_engine_args=False), progress=False)
+    plans = job.prepare()
+    said = capsys.readouterr().out
+    assert "shard 00000.tar: published by a job that stopped before recording it; recorded now" in said
+    assert [p.name for p in plans] == ["00001.tar", "00002.tar"]  # shard 0 has both texts: nothing to do
+    assert set(job.writer.manifest.shards["00000.tar"].info["text_identities"]) == {"detail", "style"}
+    for i, sample in enumerate(ShardReader(output)):
+        assert sample.texts["detail"] == f"detail of {i}" and sample.texts["style"] == f"style of {i}"
+    assert job.writer.manifest.text_stats.raw["detail"]["count"] == 2
+    job.lock.close()

@@ -410,7 +410,7 @@ def test_second_ingest_into_the_same_directory_is_refused(tmp_path, capsys):
     with open(out / ".ingest.lock", "a+") as held:
         fcntl.flock(held, fcntl.LOCK_EX)  # as a running ingest holds it
         assert main(["--urls", str(path), "--out", str(out)]) == 2
-    assert "another ingest is writing to this directory" in capsys.readouterr().err
+    assert "another ingest job is writing to this directory" in capsys.readouterr().err
 
 
 def test_help_explains_the_command():

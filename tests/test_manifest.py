@@ -259,3 +259,43 @@ def test_a_failed_manifest_write_is_raised_to_the_job(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="No space left"):
         writer.flush()
     assert not [p for p in tmp_path.iterdir() if ".partial-" in p.name]
+
+
+def test_one_job_per_dataset_and_a_dead_jobs_lock_is_taken_over(tmp_path):
+    from data_manifests import DatasetLocked, hold_lock
+
+    code = textwrap.dedent(f"""
+        import os, sys
+        from pathlib import Path
+        from data_manifests import hold_lock
+        held = hold_lock(Path({str(tmp_path)!r}), "caption", "Ray job raysubmit_dead")
+        print("held", flush=True)
+        sys.stdin.read()  # until killed
+    """)
+    job = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert job.stdout.readline().strip() == "held"
+        with pytest.raises(DatasetLocked, match=f"Ray job raysubmit_dead, pid {job.pid} on "):
+            hold_lock(tmp_path, "caption")
+    finally:
+        job.kill()
+        job.wait()
+    held = hold_lock(tmp_path, "caption", "Ray job raysubmit_next")  # the kernel dropped the dead job's lock
+    text = (tmp_path / ".caption.lock").read_text()
+    assert text.startswith(f"Ray job raysubmit_next, pid {os.getpid()} on ") and "dead" not in text
+    held.close()
+
+
+def test_an_intent_whose_shard_was_never_published_is_dropped(tmp_path):
+    from data_manifests import ShardInfo, TextStats, write_intent
+    from data_manifests.manifest import INTENT_SUFFIX
+
+    make_dataset(tmp_path, shards=2, per_shard=3)
+    before = load_manifest(tmp_path).shards["00001.tar"]
+    # The job stopped before the rename: the file on disk is still the recorded one.
+    write_intent(tmp_path, ShardInfo("00001.tar", 3, 999, "0" * 64), TextStats(), extra={"text_identities": {}})
+    writer = DatasetWriter(tmp_path, stage="test")
+    assert writer.recover_intents() == []
+    assert writer.manifest.shards["00001.tar"] == before
+    assert not list((tmp_path / RECORDS_DIR).glob(f"*{INTENT_SUFFIX}"))
+    assert verify_dataset(tmp_path).ok

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import argparse
 import errno
+import json
+import os
 import sys
 
 from . import distributor
@@ -37,11 +39,20 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def submission() -> str:
+    """The Ray job this driver runs as (`ray job submit` tells its entrypoint in the environment)."""
+    try:
+        meta = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}")).get("metadata") or {}
+    except ValueError:
+        return ""
+    return f"Ray job {meta['job_submission_id']}" if meta.get("job_submission_id") else ""
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         cfg = load_config(args.config, input=args.input, output=args.output, overwrite=args.overwrite)
-        job = CaptionJob(cfg, progress=not args.no_progress)
+        job = CaptionJob(cfg, progress=not args.no_progress, holder=submission())
         plans = job.prepare()
     except (ConfigError, JobError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -15,20 +15,20 @@ from typing import Any
 
 from data_manifests import (
     COMPLETE,
+    DatasetLocked,
     DatasetWriter,
     ManifestError,
     ShardInfo,
     TextStats,
+    hold_lock,
     load_manifest,
     now_iso,
-    top_reasons,
 )
 
 from .config import CaptionConfig
 from .plan import ShardPlan, plan_job
 from .provenance import conflicts, resolve_model, software_versions, text_provenance
-
-MAX_PROBLEMS = 20  # problem lines kept per shard entry, as ingest and index keep
+from .writer import record_extra
 
 
 class JobError(Exception):
@@ -36,9 +36,10 @@ class JobError(Exception):
 
 
 class CaptionJob:
-    def __init__(self, cfg: CaptionConfig, progress: bool = True):
+    def __init__(self, cfg: CaptionConfig, progress: bool = True, holder: str = ""):
         self.cfg = cfg
         self.progress = progress
+        self.holder = holder  # who this job is, for the output's lock (a Ray submission id)
         self.figures = collections.Counter()
         self.failed: dict[str, str] = {}
         self.disk_full = False
@@ -63,6 +64,11 @@ class CaptionJob:
                 provenance[job.text_id] = text_provenance(model, cap.prompt_set.name, cap.prompt_set.content_hash,
                                                           job, software)
         try:
+            # Held until the driver exits: a second job on this output would commit shards twice.
+            self.lock = hold_lock(cfg.output, "caption", self.holder)
+        except (DatasetLocked, ManifestError) as e:
+            raise JobError(str(e)) from None
+        try:
             self.writer = DatasetWriter(cfg.output, stage="caption",
                                         parent={"dataset_id": input_manifest.dataset_id, "path": str(cfg.input)})
         except ManifestError as e:
@@ -71,6 +77,8 @@ class CaptionJob:
             raise JobError(f"{cfg.output} was captioned from dataset "
                            f"{(self.writer.manifest.parent or {}).get('dataset_id')!r}, not from {cfg.input} "
                            f"({input_manifest.dataset_id!r}); choose another output directory")
+        for name in self.writer.recover_intents():
+            print(f"shard {name}: published by a job that stopped before recording it; recorded now", flush=True)
         problems = conflicts({**input_manifest.texts, **self.writer.manifest.texts}, provenance, cfg.overwrite)
         if problems:
             raise JobError("\n".join(problems))
@@ -94,15 +102,8 @@ class CaptionJob:
 
     def commit(self, plan: ShardPlan, out: dict[str, Any], bar) -> None:
         """A written output shard (what writer.write_captioned_shard returned) into the books."""
-        extra = {"text_identities": plan.identities}
-        if out["refused"]:
-            extra["failures"] = top_reasons(out["refused"])
-        if out["problems"]:
-            extra["problems"] = out["problems"][:MAX_PROBLEMS]
-        if out["samples_with_errors"]:
-            extra["samples_with_errors"] = out["samples_with_errors"]
         self.writer.commit(ShardInfo(**out["info"]), TextStats(out["stats"]),
-                           failed_samples=sum(out["refused"].values()), extra=extra)
+                           failed_samples=sum(out["refused"].values()), extra=record_extra(out, plan.identities))
         if bar:
             bar.update(plan.images or out["info"]["samples"])
             self._postfix(bar)

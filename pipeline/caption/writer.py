@@ -13,9 +13,20 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from data_manifests import SampleFormatError, ShardReader, ShardReadError, ShardWriter, TextStats
+from data_manifests import (
+    SampleFormatError,
+    ShardInfo,
+    ShardReader,
+    ShardReadError,
+    ShardWriter,
+    TextStats,
+    top_reasons,
+    write_intent,
+)
 
 from .captioner import ShardResult
+
+MAX_PROBLEMS = 20  # problem lines kept per shard entry, as ingest and index keep
 
 
 def merge_sample(sample, results: list[ShardResult]) -> None:
@@ -34,17 +45,44 @@ def merge_sample(sample, results: list[ShardResult]) -> None:
             sample.errors[tid] = err
 
 
-def write_captioned_shard(source: str, output: str, results: list[ShardResult]) -> dict[str, Any]:
+def record_extra(out: dict[str, Any], identities: dict[str, str]) -> dict[str, Any]:
+    """The stage's part of a captioned shard's record: which texts it holds, what it left out."""
+    extra: dict[str, Any] = {"text_identities": identities}
+    if out["refused"]:
+        extra["failures"] = top_reasons(out["refused"])
+    if out["problems"]:
+        extra["problems"] = out["problems"][:MAX_PROBLEMS]
+    if out["samples_with_errors"]:
+        extra["samples_with_errors"] = out["samples_with_errors"]
+    return extra
+
+
+def write_captioned_shard(source: str, output: str, results: list[ShardResult],
+                          identities: dict[str, str] | None = None) -> dict[str, Any]:
     """Read `source`, merge the results, write `output` atomically. Returns what the driver commits.
 
     A sample the source holds but the format refuses (read) or that cannot be stored with its new
-    texts (write) is left out, counted in `refused` by reason and named in `problems`.
+    texts (write) is left out, counted in `refused` by reason and named in `problems`. With
+    `identities` (the texts the output will hold), the shard's record-to-be is written as an
+    intent before the file is published, so that a driver that dies before recording it loses
+    no text (data_manifests.write_intent).
     """
     reader = ShardReader(source)
     stats = TextStats()
     errors = 0
     refused: Counter[str] = Counter()
     problems: list[str] = []
+
+    def intent(info: ShardInfo) -> None:
+        out = finished(info)
+        write_intent(Path(output).parent, info, stats, failed_samples=sum(out["refused"].values()),
+                     extra=record_extra(out, identities))
+
+    def finished(info: ShardInfo) -> dict[str, Any]:
+        return {"info": asdict(info), "stats": stats.raw, "samples_with_errors": errors,
+                "refused": dict(refused + reader.refused),
+                "problems": [str(p) for p in reader.problems] + problems}
+
     try:
         with ShardWriter(output) as writer:
             for sample in reader:
@@ -58,9 +96,7 @@ def write_captioned_shard(source: str, output: str, results: list[ShardResult]) 
                     problems.append(f"{reader.name} sample {sample.key}: {e}")
                     continue
                 stats.add(sample)
-            info = writer.close()
+            info = writer.close(before_publish=intent if identities is not None else None)
     except ShardReadError as e:
         raise RuntimeError(f"source shard {Path(source).name} became unreadable while writing: {e}") from e
-    refused.update(reader.refused)
-    return {"info": asdict(info), "stats": stats.raw, "samples_with_errors": errors,
-            "refused": dict(refused), "problems": [str(p) for p in reader.problems] + problems}
+    return finished(info)

@@ -3,28 +3,21 @@ killed run, and the summary printed at the end."""
 
 from __future__ import annotations
 
-import fcntl
 from pathlib import Path
 from typing import Any
 
-from data_manifests import COMPLETE, PARTIAL_GLOB, DatasetWriter
+from data_manifests import COMPLETE, PARTIAL_GLOB, DatasetLocked, DatasetWriter, ManifestError
+from data_manifests import hold_lock as hold_dataset_lock
 
 from .config import IngestError
-
-LOCK_NAME = ".ingest.lock"
 
 
 def hold_lock(out: Path):
     """One ingest per output directory: a second one would commit shards twice."""
-    out.mkdir(parents=True, exist_ok=True)
-    handle = open(out / LOCK_NAME, "a+")
     try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        handle.close()
-        raise IngestError(f"{out}: another ingest is writing to this directory ({out / LOCK_NAME} is locked); "
-                          "wait for it, or use another --out") from None
-    return handle  # the lock lasts as long as this file stays open (the kernel drops it on any exit)
+        return hold_dataset_lock(out, "ingest")
+    except (DatasetLocked, ManifestError) as e:
+        raise IngestError(f"{e} (--out)") from None
 
 
 def remove_leftovers(out: Path) -> None:
