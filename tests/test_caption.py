@@ -142,10 +142,11 @@ def _submission_id(stdout: str) -> str:
     return re.search(r"Job '([^']+)' submitted successfully", stdout).group(1)
 
 
-def _submit_reference_config(cluster, models, images, tmp_path) -> tuple[Path, str]:
+def _submit_reference_config(cluster, models, images, tmp_path, env=(), **options) -> tuple[Path, str]:
     """Submit the reference config without waiting for the job."""
-    config = write_config(tmp_path / "job.yaml", images, tmp_path / "out",
-                          [captioner("tiny-qwen", models["qwen"], TWO_PROMPTS, max_shards_in_flight=1)])
+    cap = captioner("tiny-qwen", models["qwen"], TWO_PROMPTS, max_shards_in_flight=1, **options)
+    cap["env"].update(env)
+    config = write_config(tmp_path / "job.yaml", images, tmp_path / "out", [cap])
     r = submit(cluster, config, no_wait=True)
     assert r.returncode == 0, r.stderr
     return config, _submission_id(r.stdout)
@@ -181,31 +182,70 @@ def test_killed_driver_resumes_to_the_same_texts(ray_cluster, reference, models,
     assert read_texts(tmp_path / "out") == reference["texts"]
 
 
-def test_killed_actor_is_replaced_and_the_job_completes(ray_cluster, reference, models, images, tmp_path):
-    """The caption actor is killed twice: while its engine starts (it is started again), and
-    after a shard is done (a replacement takes the unfinished shards)."""
-    config, job = _submit_reference_config(ray_cluster, models, images, tmp_path)
-    deadline = time.time() + 120
-    while not (starting := [p for p in _processes(r"^ray::CaptionActor") if p.is_running()]):
-        assert time.time() < deadline, "no caption actor process appeared"
+def _engine_processes() -> list[psutil.Process]:
+    """Every process a caption replica started (engine_guard marks them), alive or not yet reaped."""
+    from pipeline.caption.engine_guard import TOKEN_VAR
+
+    found = []
+    for p in psutil.process_iter():
+        try:
+            if TOKEN_VAR in p.environ() and p.status() != psutil.STATUS_ZOMBIE:
+                found.append(p)
+        except psutil.Error:
+            continue
+    return found
+
+
+def _engine_and_its_actor(timeout: float = 120) -> tuple[list[psutil.Process], psutil.Process]:
+    """The engine processes of the one live caption actor, once there are some, and that actor."""
+    deadline = time.time() + timeout
+    while True:
+        for engine in _engine_processes():
+            try:
+                actor = next(p for p in engine.parents() if "ray::CaptionActor" in " ".join(p.cmdline()))
+            except (StopIteration, psutil.Error):
+                continue
+            return [e for e in _engine_processes() if actor in e.parents()], actor
+        assert time.time() < deadline, "no engine process appeared"
         time.sleep(0.05)
+
+
+def _gone(procs: list[psutil.Process], timeout: float = 20) -> bool:
+    _, alive = psutil.wait_procs(procs, timeout=timeout)
+    return not [p for p in alive if p.status() != psutil.STATUS_ZOMBIE]
+
+
+def test_killed_actor_and_killed_engine_are_replaced_and_leave_no_engine_behind(ray_cluster, reference, models,
+                                                                               images, tmp_path):
+    """vLLM's GPU process layout on the CPU (the engine is a child process of the caption actor),
+    killed two ways: the actor while its engine starts (the engine's processes die with it; the
+    actor is started again), and the engine process inside a live actor after a shard (the actor
+    exits and a replacement takes the unfinished shards; it used to stay and fail every shard it
+    was given). One image in flight makes a shard take seconds, so the second kill lands mid-job."""
+    config, job = _submit_reference_config(ray_cluster, models, images, tmp_path, max_images_in_flight=1,
+                                           env={"VLLM_ENABLE_V1_MULTIPROCESSING": "1"})
     # An engine takes 15 s or more to start here: this kill lands before it is ready.
+    engines, actor = _engine_and_its_actor()
     assert not list((tmp_path / "out" / "_shards").glob("*.json"))
-    for p in starting:
-        p.send_signal(signal.SIGKILL)
+    actor.send_signal(signal.SIGKILL)
+    assert _gone(engines), "a half-started engine outlived its killed actor"
+
     _wait_for_records(tmp_path / "out", 1)
-    actors = [p for p in _processes(r"^ray::CaptionActor") if p.is_running()]
-    assert actors and not {p.pid for p in actors} & {p.pid for p in starting}
-    for p in actors:
-        p.send_signal(signal.SIGKILL)
+    engines, actor = _engine_and_its_actor()
+    next(e for e in engines if "EngineCore" in e.name()).send_signal(signal.SIGKILL)  # its actor lives on
+    assert _gone([actor]), "the actor of a dead engine stayed"
+    assert _gone(engines)
+
     assert _wait_job_end(ray_cluster, job, timeout=400).endswith("SUCCEEDED")
     from ray.job_submission import JobSubmissionClient
 
     logs = JobSubmissionClient(ray_cluster.dashboard_url).get_job_logs(job)
     assert "died while its engine started" in logs and "starting it again" in logs
-    assert "started a replacement" in logs
+    assert "replica exits: the engine died" in logs and logs.count("started a replacement") == 1, logs[-3000:]
+    assert " FAILED: " not in logs
     assert verify(tmp_path / "out").returncode == 0
     assert read_texts(tmp_path / "out") == reference["texts"]
+    assert _gone(_engine_processes(), timeout=30), "engine processes left after the job"
 
 
 def test_adding_a_prompt_and_a_captioner_computes_only_new_texts(ray_cluster, reference, models, images, tmp_path):

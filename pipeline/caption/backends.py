@@ -147,6 +147,10 @@ class VLLMBackend:
         await self.generate(self.prepare(Decoded(Image.new("RGB", (64, 64), (127, 127, 127))), b"", "holiclip-warm-up"),
                             dataclasses.replace(job, sampling={**job.sampling, "max_tokens": 2}))
 
+    def is_dead(self) -> bool:
+        """The engine can serve no more requests (its process died, or it failed fatally)."""
+        return bool(getattr(self.engine, "errored", False))
+
     def shutdown(self) -> None:
         self.engine.shutdown()
 
@@ -206,6 +210,9 @@ class OpenAIBackend:
 
     async def warm_up(self, job: TextJob) -> None:
         """Nothing: the servers are not ours to warm up or load."""
+
+    def is_dead(self) -> bool:
+        return False  # a server that fails is retried, then fails the shard; it is not ours to restart
 
     def shutdown(self) -> None:
         pass

@@ -16,6 +16,7 @@ pixels for every request. Prompt templates are tokenized once per captioner.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import hashlib
 import threading
 import time
@@ -72,6 +73,19 @@ class ShardCaptioner:
         stop = threading.Event()
         recompute_set = set(recompute)
 
+        def put(item) -> bool:
+            # Hand an item to the event loop; give up once the shard is abandoned (nobody may be
+            # taking items any more, and a reader blocked here would hold the shard forever).
+            done = asyncio.run_coroutine_threadsafe(queue.put(item), loop)
+            while True:
+                try:
+                    done.result(timeout=0.5)
+                    return True
+                except concurrent.futures.TimeoutError:
+                    if stop.is_set():
+                        done.cancel()
+                        return False
+
         def read() -> None:
             # Runs in a thread: streams the shard, hands each sample's decode to the pool.
             try:
@@ -81,12 +95,12 @@ class ShardCaptioner:
                     todo = [j for j in jobs if j.text_id in recompute_set or j.text_id not in sample.texts]
                     if not todo:
                         continue
-                    future = self.decode_pool.submit(self._load, sample.image)
-                    asyncio.run_coroutine_threadsafe(queue.put((sample.key, todo, future)), loop).result()
+                    if not put((sample.key, todo, self.decode_pool.submit(self._load, sample.image))):
+                        break
             except BaseException as e:  # reported to the caller below, which retries the shard
                 reader_error.append(e)
             finally:
-                asyncio.run_coroutine_threadsafe(queue.put(None), loop).result()
+                put(None)
 
         async def caption_image(key: str, todo: list[TextJob], future) -> None:
             try:
@@ -129,16 +143,16 @@ class ShardCaptioner:
                     raise failed.exception()
             await asyncio.gather(*tasks)
         except BaseException:
-            # Stop the reader, abandon this shard's requests (vLLM aborts cancelled ones), and
-            # drain the queue so the reader thread is never left blocked on it.
+            # Stop the reader and abandon this shard's requests (vLLM aborts cancelled ones). The
+            # reader gives up a hand-over that nobody takes once `stop` is set.
             stop.set()
             for t in tasks:
                 t.cancel()
-            while (await queue.get()) is not None:
-                pass
             raise
         finally:
-            reader.join(timeout=60)
+            # Never block the event loop on the reader: it may be waiting for the loop (a join
+            # here once held a replica whose engine had died, deadlocked, for good).
+            await loop.run_in_executor(None, reader.join, 60)
         if reader_error:
             raise reader_error[0]
         figures["seconds"] = time.monotonic() - started

@@ -11,6 +11,7 @@ passes object references, so neither images nor texts go through it.
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import errno
 import time
@@ -24,6 +25,7 @@ from data_manifests import ShardWriteError
 # test, whose two nodes on one machine share one folder of unpacked working directories.
 from .captioner import ShardCaptioner
 from .config import CaptionerConfig, TextJob
+from .engine_guard import Reaper, exit_replica
 from .job import CaptionJob, JobError
 from .plan import ShardPlan
 from .writer import write_captioned_shard
@@ -37,19 +39,39 @@ def _remote_classes():
 
     class CaptionActor:
         def __init__(self, cfg: CaptionerConfig, image_max_side: int):
+            # The engine's processes (on a GPU, or with VLLM_ENABLE_V1_MULTIPROCESSING=1) die with
+            # this actor, however it dies, even while they start (engine_guard.py).
+            self.reaper = Reaper()
             self.captioner = ShardCaptioner(cfg, image_max_side)
             self.node = ray.util.get_node_ip_address()
             self.node_id = ray.get_runtime_context().get_node_id()
 
         async def ready(self) -> tuple[str, str]:
-            await self.captioner.warm_up()
+            await self._guarded(self.captioner.warm_up())
             return self.node, self.node_id
 
         @ray.method(num_returns=2)
         async def caption_shard(self, shard_path: str, jobs: list[TextJob], recompute: list[str]):
-            figures, result = await self.captioner.caption_shard(shard_path, jobs, recompute)
+            figures, result = await self._guarded(self.captioner.caption_shard(shard_path, jobs, recompute))
             figures["node"] = self.node
             return figures, result
+
+        async def _guarded(self, work):
+            """Run `work`; if the engine dies meanwhile, leave, so that the driver replaces this
+            replica (every later request would fail at once). Checked every second as well as on
+            an error: a request that vLLM was still preparing when its engine died is never
+            answered (the error goes only to requests it had registered), so waiting for the
+            work alone can wait forever."""
+            task = asyncio.ensure_future(work)
+            while not (await asyncio.wait({task}, timeout=1.0))[0]:
+                if self.captioner.backend.is_dead():
+                    exit_replica("the engine died (found while waiting for its answers)")
+            try:
+                return task.result()
+            except Exception as e:
+                if self.captioner.backend.is_dead():
+                    exit_replica(f"the engine died ({type(e).__name__}: {e})")
+                raise
 
     class WriterActor:
         """Writes output shards on one node. Long-lived, so no Ray worker process is started per
