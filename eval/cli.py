@@ -43,7 +43,7 @@ from .report import (
     write_json,
     zeroshot_table,
 )
-from .retrieval import Captions, evaluate_retrieval
+from .retrieval import POSITIVES, Captions, evaluate_retrieval, retrieval_task
 from .zeroshot import LabelMap, build_classifier, load_templates, zeroshot_accuracy
 
 MAX_PROBLEMS_KEPT = 20
@@ -98,6 +98,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a dataset in the project's format (shards + manifest.json)")
     r.add_argument("--text-ids", nargs="+", metavar="ID",
                    help="text ids to evaluate (default: every text id of the dataset)")
+    r.add_argument("--positives", choices=POSITIVES, default="own",
+                   help="which captions are an image's: 'own' (default, CLIP_benchmark's rule: the captions it has) "
+                        "or 'same-string' (also every caption identical to one of them; task "
+                        "retrieval-same-string)")
 
     c = sub.add_parser("compare", help="print results files side by side",
                        description="Print the records of results.jsonl files side by side, one row per evaluation.")
@@ -237,9 +241,10 @@ def run_retrieval(args: argparse.Namespace) -> None:
 
     records, tables = [], []
     for fusion in fusions:
-        metrics = evaluate_retrieval(image, string_emb, captions, text_ids, fusion, device=options.device)
-        record = _record("retrieval", checkpoint, eval_set, len(items), fusion, metrics, options,
-                         data={"text_ids": text_ids}, branch_analysis=analysis)
+        metrics = evaluate_retrieval(image, string_emb, captions, text_ids, fusion, device=options.device,
+                                     positives=args.positives)
+        record = _record(retrieval_task(args.positives), checkpoint, eval_set, len(items), fusion, metrics, options,
+                         data={"text_ids": text_ids}, positives=args.positives, branch_analysis=analysis)
         records.append(record)
         tables.append(retrieval_table(record))
     tables.append(branch_table(analysis) + f"\nheatmap: {heatmap}")
