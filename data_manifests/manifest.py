@@ -20,11 +20,13 @@ import json
 import os
 import time
 import uuid
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from .files import atomic_write_json, now_iso
+from .sample import RAW
 from .shard import ShardInfo
 from .textstats import TextStats
 
@@ -60,6 +62,7 @@ class ShardEntry:
     completed: str | None = None
     failed_samples: int = 0  # samples of the input that could not be written (with reasons in info)
     info: dict[str, Any] = field(default_factory=dict)  # stage-specific: download stats, timings
+    txt: str | None = None  # text id of the samples' `.txt` member (None: none written, or not known)
 
     @property
     def rerun_helps(self) -> bool:
@@ -218,6 +221,14 @@ class DatasetWriter:
             self.resumed = False
         self.manifest.status = IN_PROGRESS
 
+    @property
+    def txt(self) -> str:
+        """The text id new shards put in `.txt`: the one most complete shards have, else `raw`.
+
+        So that a resumed stage keeps what `holiclip-manifest txt` chose for the dataset."""
+        chosen = Counter(s.txt for s in self.manifest.shards.values() if s.status == COMPLETE and s.txt)
+        return chosen.most_common(1)[0][0] if chosen else RAW
+
     # --- what is done -------------------------------------------------------------------
     def shard_path(self, name: str) -> Path:
         return self.root / name
@@ -252,7 +263,7 @@ class DatasetWriter:
         old = self.manifest.shards.get(info.name)
         entry = ShardEntry(name=info.name, status=COMPLETE, samples=info.samples, bytes=info.bytes,
                            sha256=info.sha256, completed=now_iso(), failed_samples=failed_samples,
-                           info=extra or {})
+                           info=extra or {}, txt=info.txt)
         atomic_write_json(self.root / RECORDS_DIR / f"{info.name}.json",
                           {**asdict(entry), "text_stats": stats.to_json()})
         if old is not None and old.status == COMPLETE:
@@ -271,7 +282,7 @@ class DatasetWriter:
         from .shard import ShardWriter
 
         stats = TextStats()
-        with ShardWriter(self.shard_path(name)) as shard:
+        with ShardWriter(self.shard_path(name), txt=self.txt) as shard:
             for sample in samples:
                 shard.write(sample)
                 stats.add(sample)

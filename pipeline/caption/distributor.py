@@ -56,8 +56,8 @@ def _remote_classes():
         shard: on a node whose cores the engines use, every such start (~0.5 s of CPU) is taken
         from them."""
 
-        def write(self, source: str, output: str, *results):
-            return write_captioned_shard(source, output, list(results))
+        def write(self, source: str, output: str, txt: str | None, *results):
+            return write_captioned_shard(source, output, list(results), txt)
 
     return ray.remote(CaptionActor), ray.remote(WriterActor)
 
@@ -271,7 +271,8 @@ class RayRun:
         if not plan.work:
             output = str(self.job.writer.shard_path(plan.name))
             # Written on the node that made the last texts, where its results already are.
-            writes[writers.on(slot.node_id).write.remote(plan.source, output, *plan.results.values())] = plan
+            writes[writers.on(slot.node_id).write.remote(plan.source, output, self.job.writer.txt,
+                                                         *plan.results.values())] = plan
 
     def _retry(self, plan: ShardPlan, pool: Pool, reason: str, open_plans) -> None:
         name = pool.cfg.name

@@ -13,7 +13,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from data_manifests import SampleFormatError, ShardReader, ShardReadError, ShardWriter, TextStats
+from data_manifests import RAW, SampleFormatError, ShardReader, ShardReadError, ShardWriter, TextStats
 
 from .captioner import ShardResult
 
@@ -34,8 +34,11 @@ def merge_sample(sample, results: list[ShardResult]) -> None:
             sample.errors[tid] = err
 
 
-def write_captioned_shard(source: str, output: str, results: list[ShardResult]) -> dict[str, Any]:
+def write_captioned_shard(source: str, output: str, results: list[ShardResult], txt: str | None = RAW
+                          ) -> dict[str, Any]:
     """Read `source`, merge the results, write `output` atomically. Returns what the driver commits.
+
+    `txt`: the text id each sample's `.txt` member holds (the output dataset's choice, `raw` by default).
 
     A sample the source holds but the format refuses (read) or that cannot be stored with its new
     texts (write) is left out, counted in `refused` by reason and named in `problems`.
@@ -46,7 +49,7 @@ def write_captioned_shard(source: str, output: str, results: list[ShardResult]) 
     refused: Counter[str] = Counter()
     problems: list[str] = []
     try:
-        with ShardWriter(output) as writer:
+        with ShardWriter(output, txt=txt) as writer:
             for sample in reader:
                 merge_sample(sample, results)
                 if sample.errors:
