@@ -549,3 +549,112 @@ def test_text_embeddings_do_not_depend_on_trimmed_padding(m2m_untrained):
     with torch.no_grad():
         full = model.encode_text(tokenizer(texts))
     assert torch.allclose(embed_texts(model, tokenizer, texts, EmbedOptions(progress=False)), full, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- CLIP_benchmark
+
+
+def clip_benchmark_retrieval_set(root: Path, n: int = 40, seed: int = 11) -> Path:
+    """A retrieval benchmark as CLIP_benchmark's convert_retrieval_dataset writes one: DIR/test/{0..}.tar with
+    <key>.png and <key>.txt (captions one per line), nshards.txt, dataset_type.txt."""
+    import webdataset as wds
+
+    rng = random.Random(seed)
+    (root / "test").mkdir(parents=True)
+    with wds.ShardWriter(str(root / "test" / "%d.tar"), maxcount=16, verbose=0) as sink:
+        for i in range(n):
+            shape, colour, background = rng.choice(SHAPES), rng.choice(list(COLOURS)), rng.choice(list(BACKGROUNDS))
+            buf = io.BytesIO()
+            draw(shape, colour, background, "top left", 32, rng).save(buf, "PNG")
+            # Distinct strings (no exact ties), so CLIP_benchmark's topk and our tie rule must agree.
+            captions = [f"{colour} {shape} {i}", f"a {colour} {shape} on a {background} background, picture {i}"]
+            sink.write({"__key__": f"s{i:07d}", "png": buf.getvalue(), "txt": "\n".join(captions)})
+        shards = sink.shard
+    (root / "test" / "nshards.txt").write_text(f"{shards}\n")
+    (root / "dataset_type.txt").write_text("retrieval\n")
+    return root
+
+
+def clip_benchmark_classification_set(root: Path, per_colour: int = 6, seed: int = 12) -> Path:
+    import webdataset as wds
+
+    rng = random.Random(seed)
+    colours = list(COLOURS)
+    (root / "test").mkdir(parents=True)
+    with wds.ShardWriter(str(root / "test" / "%d.tar"), maxcount=10, verbose=0) as sink:
+        for i in range(per_colour * len(colours)):
+            buf = io.BytesIO()
+            draw(rng.choice(SHAPES), colours[i % 4], rng.choice(list(BACKGROUNDS)), "top left", 32, rng).save(buf, "PNG")
+            sink.write({"__key__": f"s{i:07d}", "png": buf.getvalue(), "cls": i % 4})
+        shards = sink.shard
+    (root / "test" / "nshards.txt").write_text(f"{shards}\n")
+    (root / "classnames.txt").write_text("\n".join(colours) + "\n")
+    (root / "zeroshot_classification_templates.txt").write_text("bright {c} tones\na {c} thing\n")
+    return root
+
+
+def clip_benchmark_module(where: Path, name: str):
+    """A module of CLIP_benchmark's released package (pip download into a temporary directory, never committed)."""
+    import importlib.util
+
+    wheel = next(where.glob("clip_benchmark-*.whl"), None)
+    if wheel is None:
+        done = subprocess.run([sys.executable, "-m", "pip", "download", "clip-benchmark==1.6.2", "--no-deps",
+                               "--quiet", "-d", str(where)], capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr
+        wheel = next(where.glob("clip_benchmark-*.whl"))
+    import zipfile
+
+    path = where / f"{name.replace('/', '_')}"
+    with zipfile.ZipFile(wheel) as z:
+        path.write_bytes(z.read(f"clip_benchmark/{name}"))
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_clip_benchmark_layout_and_its_own_retrieval_code_agree(capsys, o2o, work):
+    import webdataset as wds
+
+    from eval.clip_benchmark import load_holiclip
+    from eval.clip_benchmark import main as adapter_main
+
+    bench = clip_benchmark_retrieval_set(work / "cb_retrieval")
+    results = work / "cb.jsonl"
+    code, out, err = run(capsys, "retrieval", "--checkpoint", o2o, "--data", bench, "--results", results)
+    assert code == 0, err
+    ours = records(results)[-1]
+    assert ours["data"]["kind"] == "clip_benchmark" and ours["data"]["images"] == 40
+    assert list(ours["metrics"]) == ["c0", "c1", "all"] and ours["metrics"]["all"]["captions"] == 80
+
+    # The same export through the adapter, scored by CLIP_benchmark's own zeroshot_retrieval.evaluate
+    # on a loader built as its build_wds_dataset builds one.
+    retrieval = clip_benchmark_module(work, "metrics/zeroshot_retrieval.py")
+    model, transform, tokenizer = load_holiclip("holiclip", str(o2o), device="cpu")
+    shards = int((bench / "test" / "nshards.txt").read_text())
+    dataset = (wds.WebDataset(str(bench / "test" / f"{{0..{shards - 1}}}.tar"), nodesplitter=lambda src: src,
+                              shardshuffle=False)
+               .decode(wds.autodecode.ImageHandler("pil", extensions=["webp", "png", "jpg", "jpeg"]))
+               .to_tuple(["webp", "png", "jpg", "jpeg"], "txt")
+               .map_tuple(transform, str.splitlines))
+    loader = torch.utils.data.DataLoader(dataset.batched(16), batch_size=None, shuffle=False, num_workers=0)
+    theirs = retrieval.evaluate(model, loader, tokenizer, device="cpu", amp=False, recall_k_list=[1, 5, 10])
+    for k in (1, 5, 10):  # their "image retrieval" is text -> image
+        assert theirs[f"image_retrieval_recall@{k}"] == pytest.approx(ours["metrics"]["all"]["t2i"][f"R@{k}"])
+        assert theirs[f"text_retrieval_recall@{k}"] == pytest.approx(ours["metrics"]["all"]["i2t"][f"R@{k}"])
+    assert 0 < ours["metrics"]["all"]["t2i"]["R@10"] < 1  # neither trivial nor hopeless: the comparison says something
+
+    # Zero-shot reads the benchmark's class names and {c} templates beside the shards.
+    classes = clip_benchmark_classification_set(work / "cb_classes")
+    code, out, err = run(capsys, "zeroshot", "--checkpoint", o2o, "--data", classes, "--results", results)
+    assert code == 0, err
+    z = records(results)[-1]
+    assert z["metrics"]["classes"] == 4 and z["metrics"]["templates"] == 2 and z["data"]["images"] == 24
+    assert z["metrics"]["templates_file"].endswith("zeroshot_classification_templates.txt")
+    assert z["metrics"]["classnames"].endswith("classnames.txt")
+    assert z["metrics"]["top1"] > 0.5  # o2o learnt colours from "red circle"-like alt-texts; chance is 1/4
+    # The wrong task for a set names the file that says what it is.
+    code, _, err = run(capsys, "zeroshot", "--checkpoint", o2o, "--data", bench, "--results", results)
+    assert code == 2 and "dataset_type.txt" in err and "python -m eval retrieval" in err
+    assert adapter_main() == 2 and "pip install clip-benchmark" in capsys.readouterr().err
