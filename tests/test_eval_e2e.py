@@ -584,7 +584,8 @@ def clip_benchmark_classification_set(root: Path, per_colour: int = 6, seed: int
     with wds.ShardWriter(str(root / "test" / "%d.tar"), maxcount=10, verbose=0) as sink:
         for i in range(per_colour * len(colours)):
             buf = io.BytesIO()
-            draw(rng.choice(SHAPES), colours[i % 4], rng.choice(list(BACKGROUNDS)), "top left", 32, rng).save(buf, "PNG")
+            image = draw(rng.choice(SHAPES), colours[i % 4], rng.choice(list(BACKGROUNDS)), "top left", 32, rng)
+            image.save(buf, "PNG")
             sink.write({"__key__": f"s{i:07d}", "png": buf.getvalue(), "cls": i % 4})
         shards = sink.shard
     (root / "test" / "nshards.txt").write_text(f"{shards}\n")
