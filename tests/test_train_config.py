@@ -88,7 +88,7 @@ def test_defaults_and_overrides(tmp_path):
     (with_changes("model", branch="none", num_branches=3), [], "model.num_branches: must be 1"),
     (MINIMAL, ["train.steps"], "override 'train.steps' must look like section.key=value"),
     (with_changes("model", brnch="cls"), [], "model.brnch: unknown key (known here: config, branch, num_branches, "
-                                             "mlp_branch_layers, tokenizer) (did you mean 'branch'?)"),
+                                             "mlp_branch_layers, tokenizer, init) (did you mean 'branch'?)"),
     (with_changes("data", text_ids=["raw", 5]), [], "data.text_ids[1]: expected a string, got 5"),
     (with_changes("data", crop_scale=[0.9, "1"]), [], "data.crop_scale[1]: expected a number, got '1'"),
     (with_changes("train", steps="10"), [], "train.steps: expected an integer, got '10'"),

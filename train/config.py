@@ -29,6 +29,9 @@ class ModelSection(ConfigModel):
     num_branches: int | None = Field(None, ge=1)
     mlp_branch_layers: int | None = Field(None, ge=1)  # L for branch "mlp"; default: the model config's value
     tokenizer: str = "clip"  # "clip", a CLIP BPE .txt.gz, or a local Hugging Face tokenizer directory
+    # Start from an OpenCLIP ViT checkpoint (train/openclip.py: Psi_CLS's H class tokens and Psi_MLP's
+    # H MLP copies start from its one); ignored when resuming. None: random initialisation.
+    init: str | None = None
 
     @field_validator("num_branches")
     @classmethod

@@ -57,6 +57,7 @@ from train.model import (
     load_model_config,
     param_groups,
 )
+from train.openclip import ConversionError, init_from_openclip
 from train.schedule import make_scheduler
 from train.step import NonFiniteLoss, Precision, run_step, to_device
 from train.tokenizer import Tokenizer, load_tokenizer
@@ -200,6 +201,8 @@ def train(cfg: TrainConfig, resume: str = "auto", stop_at_step: int | None = Non
     data_warnings = (check_text_ids(sources, cfg.data.text_ids, cfg.data.fallback_text_id)
                      if cfg.data.check_text_ids else [])
     start_from = resume_path(resume, checkpoint_dir)
+    if cfg.model.init and not Path(cfg.model.init).is_file():
+        raise ConfigError(f"model.init: {cfg.model.init} is not a file")
     for key, s in [*((f"eval.zeroshot[{i}]", s) for i, s in enumerate(cfg.eval.zeroshot)),
                    *((f"eval.retrieval[{i}]", s) for i, s in enumerate(cfg.eval.retrieval))]:
         for field in ("data", "classnames", "templates"):
@@ -234,6 +237,13 @@ def train(cfg: TrainConfig, resume: str = "auto", stop_at_step: int | None = Non
 
     torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
     model = HolisticCLIP(model_cfg)
+    if cfg.model.init and start_from is None:
+        try:
+            init_from_openclip(model, cfg.model.init)
+        except ConversionError as e:
+            raise ConfigError(f"model.init: {e}") from None
+        if rank == 0:
+            log.info("model: initialised from the OpenCLIP checkpoint %s", cfg.model.init)
     model.set_grad_checkpointing(cfg.train.grad_checkpointing)
     num_parameters = count_parameters(model)  # before ZeRO-3 partitions them away
     o = cfg.optim
