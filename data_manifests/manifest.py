@@ -220,14 +220,10 @@ class DatasetWriter:
             )
             self.resumed = False
         self.manifest.status = IN_PROGRESS
-
-    @property
-    def txt(self) -> str:
-        """The text id new shards put in `.txt`: the one most complete shards have, else `raw`.
-
-        So that a resumed stage keeps what `holiclip-manifest txt` chose for the dataset."""
-        chosen = Counter(s.txt for s in self.manifest.shards.values() if s.status == COMPLETE and s.txt)
-        return chosen.most_common(1)[0][0] if chosen else RAW
+        # The text id new shards put in `.txt`: the one most complete shards have (what `holiclip-manifest
+        # txt` chose, kept by a resumed stage), else the alt-text.
+        chosen = Counter(e.txt for e in self.manifest.shards.values() if e.status == COMPLETE and e.txt)
+        self.txt: str = chosen.most_common(1)[0][0] if chosen else RAW
 
     # --- what is done -------------------------------------------------------------------
     def shard_path(self, name: str) -> Path:

@@ -26,7 +26,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from data_manifests import ShardReader, load_manifest
+from data_manifests import DatasetWriter, ShardReader, load_manifest
 from data_manifests import shard as shard_module
 from data_manifests.cli import main as manifest_main
 from data_manifests.txt import set_txt_member
@@ -141,6 +141,7 @@ def test_openclip_trains_on_our_shards_and_txt_can_be_changed(openclip_site, tmp
     # A text id some samples lack: those get no .txt, and OpenCLIP skips them (its no-caption filter).
     code, out, err = manifest_cli(capsys, "txt", str(root), "--text-id", "style")
     assert code == 0 and "8 samples have no 'style' text" in out  # every 4th of 32 samples
+    assert DatasetWriter(root, stage="caption").txt == "style"  # what a resumed stage writes into new shards
     code, _, err = manifest_cli(capsys, "txt", str(root), "--text-id", "colour")
     assert code == 2 and "no text id 'colour'" in err and err.count("\n") == 1
 
