@@ -1,6 +1,7 @@
 """holiclip-manifest: show, verify, compare and index multi-text datasets.
 
-Every command reads only, except `index`, which writes a manifest for shards that have none.
+Every command reads only, except `index`, which writes a manifest for shards that have none, and
+`txt`, which rewrites the shards' `.txt` member (the caption stock WebDataset loaders read).
 Exit status: 0 fine, 1 problems found (verify, diff with --fail-on-diff), 2 bad usage or input.
 """
 
@@ -25,6 +26,7 @@ Examples:
   holiclip-manifest stats data/captioned --plot stats.png
   holiclip-manifest diff data/run1 data/run2 --samples
   holiclip-manifest index data/img2dataset_output
+  holiclip-manifest txt data/captioned --text-id detail
 """
 
 
@@ -240,6 +242,23 @@ def cmd_index(args: argparse.Namespace) -> int:
     return 0 if m.status == "complete" else 1
 
 
+def cmd_txt(args: argparse.Namespace) -> int:
+    from .txt import set_txt_member
+
+    summary = set_txt_member(args.dir, args.text_id, progress=not args.json and sys.stderr.isatty())
+    if args.json:
+        _print_json(summary)
+    else:
+        print(f"{args.dir}: .txt holds {summary['text_id']!r} in all {summary['shards']} complete shards "
+              f"({summary['rewritten']} rewritten, {summary['skipped']} already did)")
+        if summary["samples_without_text"]:
+            print(f"  {summary['samples_without_text']} samples have no {summary['text_id']!r} text and no .txt "
+                  "(stock loaders skip them)")
+        if summary["samples_refused"]:
+            print(f"  {summary['samples_refused']} samples the format refuses were left out (see verify)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="holiclip-manifest", description=__doc__.splitlines()[0] + "\n\n" + "\n".join(__doc__.splitlines()[2:]),
@@ -279,6 +298,11 @@ def build_parser() -> argparse.ArgumentParser:
             "hand-made shards). Reads the shards, writes only manifest.json and _shards/.")
     p.add_argument("dir", help="directory of .tar shards")
     p.add_argument("--force", action="store_true", help="replace an existing manifest")
+    p = add("txt", cmd_txt, "Put text TEXT_ID in every sample's .txt member (the caption OpenCLIP's and other stock "
+            "WebDataset loaders read; `raw` as the stages write it). Rewrites each shard atomically, without "
+            "re-captioning, and records the choice in the manifest; rerun the same command after a kill.")
+    p.add_argument("dir", help="dataset directory")
+    p.add_argument("--text-id", required=True, help="the text id to put in .txt (raw, detail, qwen2vl/style, ...)")
     return parser
 
 

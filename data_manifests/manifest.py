@@ -28,11 +28,13 @@ import os
 import threading
 import time
 import uuid
+from collections import Counter
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from .files import atomic_write_json, now_iso, partial_path, publish
+from .sample import RAW
 from .shard import ShardInfo, file_sha256
 from .textstats import TextStats
 
@@ -72,6 +74,7 @@ class ShardEntry:
     completed: str | None = None
     failed_samples: int = 0  # samples of the input that could not be written (with reasons in info)
     info: dict[str, Any] = field(default_factory=dict)  # stage-specific: download stats, timings
+    txt: str | None = None  # text id of the samples' `.txt` member (None: none written, or not known)
 
     @property
     def rerun_helps(self) -> bool:
@@ -90,7 +93,7 @@ class ShardEntry:
         # By hand: dataclasses.asdict deep-copies and costs ~15x more, 100,000 times per manifest.
         return {"name": self.name, "status": self.status, "samples": self.samples, "bytes": self.bytes,
                 "sha256": self.sha256, "completed": self.completed, "failed_samples": self.failed_samples,
-                "info": self.info}
+                "info": self.info, "txt": self.txt}
 
 
 def shard_counts(entries) -> dict[str, int]:
@@ -249,6 +252,10 @@ class DatasetWriter:
             self.resumed = False
         self.manifest.status = IN_PROGRESS
         self._flusher = _ManifestFlusher(self.root / MANIFEST_NAME)
+        # The text id new shards put in `.txt`: the one most complete shards have (what `holiclip-manifest
+        # txt` chose, kept by a resumed stage), else the alt-text.
+        chosen = Counter(e.txt for e in self.manifest.shards.values() if e.status == COMPLETE and e.txt)
+        self.txt: str = chosen.most_common(1)[0][0] if chosen else RAW
 
     # --- what is done -------------------------------------------------------------------
     def shard_path(self, name: str) -> Path:
@@ -288,7 +295,7 @@ class DatasetWriter:
         old_stats = _record_stats(record) if old is not None and old.status == COMPLETE else {}
         entry = ShardEntry(name=info.name, status=COMPLETE, samples=info.samples, bytes=info.bytes,
                            sha256=info.sha256, completed=now_iso(), failed_samples=failed_samples,
-                           info=extra or {})
+                           info=extra or {}, txt=info.txt)
         atomic_write_json(record, {**entry.to_json(), "text_stats": stats.to_json()})
         (self.root / RECORDS_DIR / f"{info.name}{INTENT_SUFFIX}").unlink(missing_ok=True)
         self.manifest.shards[info.name] = entry
@@ -329,7 +336,7 @@ class DatasetWriter:
         from .shard import ShardWriter
 
         stats = TextStats()
-        with ShardWriter(self.shard_path(name)) as shard:
+        with ShardWriter(self.shard_path(name), txt=self.txt) as shard:
             for sample in samples:
                 shard.write(sample)
                 stats.add(sample)

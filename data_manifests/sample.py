@@ -9,8 +9,9 @@ image bytes, never re-encoded by us) and `<key>.json`:
      "errors": {"style": "image could not be decoded: ..."},   # texts that could not be made
      "source": {"url": "...", "width": 448, "height": 336, "sha256": "<of the image bytes>", ...}}
 
-`texts` is a flat mapping so that a loader which picks one caption per sample from JSON keys
-(OpenCLIP-style multi-caption) reads it without any code of ours. See docs/data-format.md.
+`texts` is a flat mapping from text id to text. The shard writer also stores one of them as
+`<key>.txt` (shard.ShardWriter), the member stock WebDataset loaders such as OpenCLIP's read.
+See docs/data-format.md.
 """
 
 from __future__ import annotations

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .files import HashingFile, partial_path, publish
-from .sample import Sample, SampleFormatError
+from .sample import RAW, Sample, SampleFormatError, check_text_id
 from .tar import Problem, ShardReadError, TarReader
 
 
@@ -44,6 +44,7 @@ class ShardInfo:
     samples: int
     bytes: int
     sha256: str
+    txt: str | None = None  # the text id every sample's `.txt` member holds (None: no `.txt` written)
 
 
 def _tarinfo(name: str, size: int) -> tarfile.TarInfo:
@@ -60,11 +61,15 @@ def _tarinfo(name: str, size: int) -> tarfile.TarInfo:
 class ShardWriter:
     """Write samples to `<dir>/.<name>.partial-*`, publish as `<dir>/<name>` on `close()`.
 
+    Each sample is `<key>.<image ext>`, `<key>.json` and, unless `txt` is None, `<key>.txt` with
+    its text `txt` (the alt-text `raw` by default): the member stock WebDataset loaders (OpenCLIP,
+    img2dataset-based tools) take the caption from. A sample without that text gets no `.txt`.
     Use as a context manager: an exception inside the block removes the partial file.
     """
 
-    def __init__(self, path: str | os.PathLike):
+    def __init__(self, path: str | os.PathLike, txt: str | None = RAW):
         self.path = Path(path)
+        self.txt = None if txt is None else check_text_id(txt)
         self.tmp_path = partial_path(self.path)
         self._keys: set[str] = set()
         try:
@@ -87,6 +92,9 @@ class ShardWriter:
             self._tar.addfile(_tarinfo(f"{sample.key}.{sample.image_ext}", len(sample.image)),
                               io.BytesIO(sample.image))
             self._tar.addfile(_tarinfo(f"{sample.key}.json", len(record)), io.BytesIO(record))
+            if self.txt in sample.texts:
+                text = sample.texts[self.txt].encode("utf-8")
+                self._tar.addfile(_tarinfo(f"{sample.key}.txt", len(text)), io.BytesIO(text))
         except OSError as e:
             self.abort()
             raise ShardWriteError(f"cannot write {self.tmp_path}: {e.strerror or e}", e.errno) from e
@@ -100,7 +108,8 @@ class ShardWriter:
             self._file.flush()
             os.fsync(self._file.fileno())
             self._file.close()
-            info = ShardInfo(self.path.name, self.samples, self._hashing.count, self._hashing.sha.hexdigest())
+            info = ShardInfo(self.path.name, self.samples, self._hashing.count, self._hashing.sha.hexdigest(),
+                             self.txt)
             if before_publish is not None:
                 before_publish(info)
             publish(self.tmp_path, self.path)

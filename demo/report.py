@@ -98,8 +98,10 @@ def write_report(out: Path, runs: list[str], run_info: dict[str, tuple], note: s
             row.append(f"{_pct(m['i2t'].get('R@1'))} / {_pct(m['t2i'].get('R@1'))}" if m else "-")
         rows.append(row)
     parts += ["", "## Retrieval on the held-out pictures, per text id: image->text R@1 / text->image R@1 (%)", "",
-              f"Chance is about {100 / max(test.num_samples, 1):.1f}%; many pictures share a text (\"red circle\"), "
-              "and a tie counts against the model.", "", _table(["text id", *runs], rows)]
+              f"CLIP_benchmark's rule: a caption is right only for its own image. Chance is about "
+              f"{100 / max(test.num_samples, 1):.1f}%; many pictures share a text (\"red circle\"), its copies "
+              "tie and a tie counts against the model, so coarse text ids score near 0 by construction.", "",
+              _table(["text id", *runs], rows)]
 
     plot = plot_zeroshot(results, runs, chance, out / "report_zeroshot.png")
     artefacts = [("URL list", out / "urls.csv"), ("image shards (ingest)", out / "images"),

@@ -43,7 +43,7 @@ from .report import (
     write_json,
     zeroshot_table,
 )
-from .retrieval import Captions, evaluate_retrieval
+from .retrieval import POSITIVES, Captions, evaluate_retrieval, retrieval_task
 from .zeroshot import LabelMap, build_classifier, load_templates, zeroshot_accuracy
 
 MAX_PROBLEMS_KEPT = 20
@@ -79,12 +79,16 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--limit", type=int, metavar="N", help="evaluate only the first N images (quick checks)")
     common.add_argument("--json", action="store_true", help="print the result records as JSON lines instead of tables")
     common.add_argument("--no-progress", action="store_true", help="no progress bars")
+    common.add_argument("--split", default="test",
+                        help="the split to read in CLIP_benchmark's WebDataset layout (DIR/<split>/nshards.txt; "
+                             "default: test)")
 
     z = sub.add_parser("zeroshot", parents=[common], help="top-1/top-5 zero-shot accuracy on labelled images",
                        description="Zero-shot classification: top-1 and top-5 accuracy on labelled images (WebDataset "
                                    "shards with a .cls member or a label field, or an image folder per class).")
     z.add_argument("--data", required=True, type=Path, metavar="DIR",
-                   help="labelled WebDataset shards or DIR/<class>/<image>")
+                   help="labelled WebDataset shards, DIR/<class>/<image>, or a CLIP_benchmark WebDataset benchmark "
+                        "(its classnames.txt and zeroshot_classification_templates.txt are the defaults)")
     z.add_argument("--classnames", type=Path, metavar="FILE",
                    help="class names, one per line, in label-index order (default: ImageNet-1k's for integer labels)")
     z.add_argument("--templates", type=Path, metavar="FILE",
@@ -95,9 +99,14 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Image-text retrieval: recall at 1, 5 and 10 in both directions, per text id and "
                                    "pooled, and the per-branch analysis (table and heatmap).")
     r.add_argument("--data", required=True, type=Path, metavar="DIR",
-                   help="a dataset in the project's format (shards + manifest.json)")
+                   help="a dataset in the project's format (shards + manifest.json), or a CLIP_benchmark WebDataset "
+                        "retrieval benchmark (captions c0, c1, ... from each .txt)")
     r.add_argument("--text-ids", nargs="+", metavar="ID",
                    help="text ids to evaluate (default: every text id of the dataset)")
+    r.add_argument("--positives", choices=POSITIVES, default="own",
+                   help="which captions are an image's: 'own' (default, CLIP_benchmark's rule: the captions it has) "
+                        "or 'same-string' (also every caption identical to one of them; task "
+                        "retrieval-same-string)")
 
     c = sub.add_parser("compare", help="print results files side by side",
                        description="Print the records of results.jsonl files side by side, one row per evaluation.")
@@ -204,7 +213,7 @@ def run_retrieval(args: argparse.Namespace) -> None:
     options = _options(args)
     checkpoint = load_checkpoint(args.checkpoint, options.device)
     fusions = _fusions(args, checkpoint)
-    eval_set = open_retrieval_set(args.data)
+    eval_set = open_retrieval_set(args.data, args.split)
     requested = list(dict.fromkeys(args.text_ids)) if args.text_ids else None
     if requested and eval_set.text_ids:
         unknown = [t for t in requested if t not in eval_set.text_ids]
@@ -237,9 +246,10 @@ def run_retrieval(args: argparse.Namespace) -> None:
 
     records, tables = [], []
     for fusion in fusions:
-        metrics = evaluate_retrieval(image, string_emb, captions, text_ids, fusion, device=options.device)
-        record = _record("retrieval", checkpoint, eval_set, len(items), fusion, metrics, options,
-                         data={"text_ids": text_ids}, branch_analysis=analysis)
+        metrics = evaluate_retrieval(image, string_emb, captions, text_ids, fusion, device=options.device,
+                                     positives=args.positives)
+        record = _record(retrieval_task(args.positives), checkpoint, eval_set, len(items), fusion, metrics, options,
+                         data={"text_ids": text_ids}, positives=args.positives, branch_analysis=analysis)
         records.append(record)
         tables.append(retrieval_table(record))
     tables.append(branch_table(analysis) + f"\nheatmap: {heatmap}")
@@ -250,9 +260,9 @@ def run_zeroshot(args: argparse.Namespace) -> None:
     options = _options(args)
     checkpoint = load_checkpoint(args.checkpoint, options.device)
     fusions = _fusions(args, checkpoint)
-    templates, templates_file = load_templates(args.templates)
-    eval_set = open_classification_set(args.data)
-    labels_map = LabelMap(eval_set, args.classnames)
+    eval_set = open_classification_set(args.data, args.split)
+    templates, templates_file = load_templates(args.templates or eval_set.templates_file)
+    labels_map = LabelMap(eval_set, args.classnames or eval_set.classnames_file)
 
     image, items = _embed(checkpoint, labels_map.checked(iter(eval_set)), eval_set, options)
     classnames = labels_map.finish()

@@ -2,6 +2,11 @@
 
 - Retrieval: a dataset in the project's format (docs/data-format.md), read through
   data_manifests (manifest + ShardReader). Every text id of a sample is one caption of its image.
+- CLIP_benchmark's WebDataset benchmark layout (`clip_benchmark_export_wds`), for both tasks:
+  DIR/<split>/nshards.txt and DIR/<split>/{0..n-1}.tar, with `classnames.txt`,
+  `zeroshot_classification_templates.txt` and `dataset_type.txt` in DIR. A retrieval sample is
+  an image and a `.txt` with one caption per line (read as text ids c0, c1, ...); a
+  classification sample an image and a `.cls` class index.
 - Zero-shot: labelled images, either
   - WebDataset shards whose samples carry a label: a `<key>.cls` (or `.label`, `.class`) member,
     or a "label" / "class" / "cls" / "target" field in `<key>.json` (at the top level or under
@@ -61,6 +66,8 @@ class EvalSet:
     expected: int | None  # samples announced by the manifest or the folder listing (progress bars)
     text_ids: list[str]  # text ids the manifest describes (retrieval)
     classes: list[str] | None = None  # folder names (image folder)
+    classnames_file: Path | None = None  # the set's own class names and templates (CLIP_benchmark layout)
+    templates_file: Path | None = None
     reader: Callable[[EvalSet], Iterator[EvalItem]] | None = None
     problems: list[str] = field(default_factory=list)  # why samples were skipped (one line per bad member)
     skipped: int = 0  # samples skipped (one sample can have several problems)
@@ -73,12 +80,83 @@ class EvalSet:
         return {"path": str(self.path.resolve()), "kind": self.kind, "dataset_id": self.dataset_id}
 
 
+# ----------------------------------------------------------------------------- CLIP_benchmark's layout
+
+
+@dataclass
+class BenchmarkLayout:
+    """A dataset in CLIP_benchmark's WebDataset layout: DIR/<split>/{0..n-1}.tar plus side files in DIR."""
+
+    root: Path
+    split_dir: Path
+    shards: list[str]
+    dataset_type: str  # "classification" (CLIP_benchmark's default), "retrieval", "multilabel"
+
+    def side_file(self, name: str) -> Path | None:
+        return self.root / name if (self.root / name).is_file() else None
+
+
+def clip_benchmark_layout(path: str | Path, split: str = "test") -> BenchmarkLayout | None:
+    """The layout when `path` is such a dataset (its root, or the split directory itself), else None."""
+    path = Path(path)
+    if (path / split / "nshards.txt").is_file():
+        root, split_dir = path, path / split
+    elif (path / "nshards.txt").is_file():
+        root, split_dir = path.parent, path
+    else:
+        return None
+    counted = split_dir / "nshards.txt"
+    text = counted.read_text(encoding="utf-8", errors="replace").strip()
+    if not text.isdecimal() or int(text) < 1:
+        raise EvalError(f"{counted}: expected the number of shards, found {text[:40]!r}")
+    shards = [f"{i}.tar" for i in range(int(text))]
+    missing = [s for s in shards if not (split_dir / s).is_file()]
+    if missing:
+        raise EvalError(f"{split_dir}: nshards.txt says {len(shards)} shards but {', '.join(missing[:3])} "
+                        "is not there; complete the download of the benchmark")
+    kind = root / "dataset_type.txt"
+    dataset_type = kind.read_text(encoding="utf-8").strip().lower() if kind.is_file() else "classification"
+    return BenchmarkLayout(root, split_dir, shards, dataset_type)
+
+
+def _benchmark_retrieval_set(layout: BenchmarkLayout) -> EvalSet:
+    if layout.dataset_type != "retrieval":
+        raise EvalError(f"{layout.root}: a CLIP_benchmark {layout.dataset_type} set (dataset_type.txt); "
+                        "retrieval needs dataset_type.txt saying 'retrieval'; use `python -m eval zeroshot`")
+
+    def read(es: EvalSet) -> Iterator[EvalItem]:
+        for name in layout.shards:
+            reader = TarReader(layout.split_dir / name)
+            try:
+                for key, members in reader:
+                    image = next((members[ext] for ext in IMAGE_MEMBERS if ext in members), None)
+                    if image is None or "txt" not in members:
+                        es.problems.append(str(Problem(name, key, "no image member or no .txt")))
+                        es.skipped += 1
+                        continue
+                    # As CLIP_benchmark reads it: str.splitlines, one caption per line.
+                    captions = members["txt"].decode("utf-8", errors="replace").splitlines()
+                    yield EvalItem(key, image, {f"c{i}": c for i, c in enumerate(captions)})
+            except ShardReadError as e:
+                raise EvalError(f"{layout.split_dir / name}: cannot be read ({e.reason})") from None
+            finally:
+                es.problems.extend(str(p) for p in reader.problems)
+                es.skipped += sum(reader.refused.values())
+
+    return EvalSet(layout.split_dir, "clip_benchmark", f"wds/{layout.root.name}/{layout.split_dir.name}", None, [],
+                   reader=read)
+
+
 # ----------------------------------------------------------------------------- retrieval
 
 
-def open_retrieval_set(path: str | Path) -> EvalSet:
-    """A multi-text dataset in the project's format; its complete shards, in name order."""
+def open_retrieval_set(path: str | Path, split: str = "test") -> EvalSet:
+    """A multi-text dataset in the project's format (its complete shards, in name order), or a
+    retrieval set in CLIP_benchmark's layout."""
     root = Path(path)
+    layout = clip_benchmark_layout(root, split) if root.is_dir() else None
+    if layout is not None:
+        return _benchmark_retrieval_set(layout)
     if not root.is_dir():
         raise EvalError(f"{root}: no such directory; --data takes a dataset directory (shards + manifest.json)")
     try:
@@ -113,11 +191,22 @@ def open_retrieval_set(path: str | Path) -> EvalSet:
 # ----------------------------------------------------------------------------- classification
 
 
-def open_classification_set(path: str | Path) -> EvalSet:
-    """Labelled WebDataset shards (with or without a manifest) or an image folder per class."""
+def open_classification_set(path: str | Path, split: str = "test") -> EvalSet:
+    """Labelled WebDataset shards (with or without a manifest; CLIP_benchmark's layout with its
+    class names and templates) or an image folder per class."""
     root = Path(path)
     if not root.is_dir():
         raise EvalError(f"{root}: no such directory; --data takes a directory of .tar shards or of class folders")
+    layout = clip_benchmark_layout(root, split)
+    if layout is not None:
+        if layout.dataset_type != "classification":
+            raise EvalError(f"{layout.root}: a CLIP_benchmark {layout.dataset_type} set (dataset_type.txt); "
+                            "zero-shot reads classification sets" + ("; use `python -m eval retrieval`"
+                                                                     if layout.dataset_type == "retrieval" else ""))
+        return EvalSet(layout.split_dir, "clip_benchmark", f"wds/{layout.root.name}/{layout.split_dir.name}", None,
+                       [], classnames_file=layout.side_file("classnames.txt"),
+                       templates_file=layout.side_file("zeroshot_classification_templates.txt"),
+                       reader=lambda es: _read_labelled_shards(es, layout.shards))
     shards = list_shard_files(root)
     if shards:
         dataset_id, expected = None, None

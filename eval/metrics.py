@@ -25,11 +25,14 @@ RECALL_KS = (1, 5, 10)
 ACCURACY_KS = (1, 5)
 
 
-def ranks(scores: torch.Tensor, positives: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+def ranks(scores: torch.Tensor, positives: torch.Tensor, weights: torch.Tensor | None = None,
+          negatives: torch.Tensor | None = None) -> torch.Tensor:
     """0-based rank of each query's best positive (rule in the module docstring).
 
     scores: (Q, C) float; positives: (Q, C) bool, at least one True per row; weights: (C,)
-    multiplicity of each candidate (default 1). Returns (Q,) float64 (integral when unweighted).
+    multiplicity of each candidate (default 1). negatives: (Q, C), instead of weights, how many
+    negatives of the query each column stands for (a string read by the query's image and by
+    others is both a positive and, for the others' copies, a negative). Returns (Q,) float64.
     """
     if scores.shape != positives.shape or scores.ndim != 2:
         raise ValueError(f"scores {tuple(scores.shape)} and positives {tuple(positives.shape)} "
@@ -37,6 +40,8 @@ def ranks(scores: torch.Tensor, positives: torch.Tensor, weights: torch.Tensor |
     if not bool(positives.any(dim=1).all()):
         raise ValueError("every query needs at least one positive candidate")
     best = scores.masked_fill(~positives, float("-inf")).amax(dim=1, keepdim=True)
+    if negatives is not None:
+        return ((scores >= best).double() * negatives.double()).sum(dim=1)
     ahead = (scores >= best) & ~positives
     if weights is None:
         return ahead.sum(dim=1).double()

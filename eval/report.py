@@ -49,7 +49,10 @@ def retrieval_table(record: dict[str, Any]) -> str:
                      *(_pct(m["i2t"].get(k)) for k in ("R@1", "R@5", "R@10")),
                      *(_pct(m["t2i"].get(k)) for k in ("R@1", "R@5", "R@10"))])
     header = ["text id", "images", "captions", "distinct", "I2T R@1", "R@5", "R@10", "T2I R@1", "R@5", "R@10"]
-    return title(record) + "\n" + _table(header, rows)
+    rule = ("  positives: an image's own captions (CLIP_benchmark's rule)" if record.get("positives") == "own" else
+            "  positives: also every caption identical to one of the image's (same-string rule; not comparable "
+            "with CLIP_benchmark)")
+    return title(record) + "\n" + rule + "\n" + _table(header, rows)
 
 
 def zeroshot_table(record: dict[str, Any]) -> str:
@@ -121,8 +124,8 @@ def fusion_table(records: Sequence[dict[str, Any]]) -> str:
             else:
                 columns.setdefault(column)
                 for text_id, m in r["metrics"].items():
-                    rows.setdefault(f"retrieval {data} {text_id}")
-                    cells[f"retrieval {data} {text_id}", column] = (
+                    rows.setdefault(f"{r['task']} {data} {text_id}")
+                    cells[f"{r['task']} {data} {text_id}", column] = (
                         f"{_pct(m['i2t'].get('R@1'))}/{_pct(m['t2i'].get('R@1'))}")
         fused = [c for c in columns if not c.startswith("branch ")]
         if len(columns) < 2:
@@ -179,6 +182,9 @@ def read_results(path: Path) -> list[dict[str, Any]]:
                 raise ValueError(f"{path}:{number}: not a JSON line ({e.msg})") from None
             if not isinstance(record, dict) or record.get("format") != FORMAT:
                 raise ValueError(f"{path}:{number}: not an evaluation record (format {FORMAT!r})")
+            if record.get("task") == "retrieval" and "positives" not in record:
+                # Written before CLIP_benchmark's rule became the default: computed with the same-string rule.
+                record["task"], record["positives"] = "retrieval-same-string", "same-string"
             records.append(record)
     return records
 

@@ -41,8 +41,11 @@ def load_templates(path: str | Path | None) -> tuple[list[str], Path]:
     path = Path(path) if path else CLIP_TEMPLATES
     templates = read_lines(path, "templates")
     for number, template in enumerate(templates, 1):
+        if "{}" not in template and "{c}" in template:  # CLIP_benchmark's placeholder
+            templates[number - 1] = template = template.replace("{c}", "{}")
         if "{}" not in template:
-            raise EvalError(f"{path}:{number}: template {template!r} has no '{{}}' where the class name goes")
+            raise EvalError(f"{path}:{number}: template {template!r} has no '{{}}' (or '{{c}}') where the class "
+                            "name goes")
     return templates, path
 
 

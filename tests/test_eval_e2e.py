@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import itertools
 import json
 import os
 import random
@@ -142,11 +143,17 @@ def records(path: Path) -> list[dict]:
 
 def test_trained_model_beats_chance_and_untrained_does_not(capsys, m2m, m2m_untrained, eval_data, work):
     got = {}
+    # The synthetic texts are coarse (4 style strings for 64 images): under CLIP_benchmark's rule an
+    # image ties its style text with the other images' copies and cannot be right, so the model's
+    # grasp of them shows under the same-string rule.
     for name, ckpt in (("trained", m2m), ("untrained", m2m_untrained)):
-        code, out, err = run(capsys, "retrieval", "--checkpoint", ckpt, "--data", eval_data,
-                             "--results", work / f"{name}.jsonl")
+        code, out, err = run(capsys, "retrieval", "--checkpoint", ckpt, "--data", eval_data, "--positives",
+                             "same-string", "--results", work / f"{name}.jsonl")
         assert code == 0, err
-        got[name] = records(work / f"{name}.jsonl")[0]["metrics"]
+        assert "same-string rule" in out
+        record = records(work / f"{name}.jsonl")[0]
+        assert record["task"] == "retrieval-same-string" and record["positives"] == "same-string"
+        got[name] = record["metrics"]
     print(json.dumps(got, indent=1))
     # Chance level of I2T R@1 for a text id is about 1 / (distinct texts) when one text is
     # right: 1/4 for style and background (4 colours), 1/16 for raw (colour + shape).
@@ -154,12 +161,23 @@ def test_trained_model_beats_chance_and_untrained_does_not(capsys, m2m, m2m_untr
     assert trained["style"]["i2t"]["R@1"] > 0.6 and untrained["style"]["i2t"]["R@1"] < 0.5
     assert trained["raw"]["i2t"]["R@1"] > 0.2 and untrained["raw"]["i2t"]["R@1"] < 0.15
     assert trained["all"]["t2i"]["R@10"] > untrained["all"]["t2i"]["R@10"] + 0.2
+    # The default, CLIP_benchmark's rule, on the same embeddings: never above, below where strings repeat.
+    code, out, err = run(capsys, "retrieval", "--checkpoint", m2m, "--data", eval_data, "--results", work / "own.jsonl")
+    assert code == 0, err
+    assert "CLIP_benchmark's rule" in out
+    own = records(work / "own.jsonl")[0]
+    assert own["task"] == "retrieval" and own["positives"] == "own"
+    for text_id, m in own["metrics"].items():
+        for d, k in itertools.product(("i2t", "t2i"), ("R@1", "R@5", "R@10")):
+            assert m[d][k] <= trained[text_id][d][k] + 1e-9
+    assert own["metrics"]["style"]["t2i"]["R@1"] < trained["style"]["t2i"]["R@1"]
 
 
 def test_m2m_tables_json_heatmap_and_results_file(capsys, m2m, eval_data, work):
     out_dir = work / "m2m_out"
+    # Coarse synthetic texts (one background string per colour): the same-string rule (see the test above).
     code, out, err = run(capsys, "retrieval", "--checkpoint", m2m.parent, "--data", eval_data, "--out", out_dir,
-                         "--fusion", "average,max,norm-max")  # a run directory: its export/ is found
+                         "--fusion", "average,max,norm-max", "--positives", "same-string")  # a run directory
     assert code == 0, err
     # The printed tables: one per fusion, every text id and "all", and the branch analysis.
     for header in ("fusion average", "fusion max", "fusion norm-max", "branch analysis", "I2T R@1"):
@@ -168,7 +186,7 @@ def test_m2m_tables_json_heatmap_and_results_file(capsys, m2m, eval_data, work):
     results = m2m.parent / "results.jsonl"  # the run directory's results file
     lines = records(results)
     assert [r["fusion"]["method"] for r in lines] == ["average", "max", "norm-max"]
-    record = json.loads((out_dir / "retrieval-synthetic-7-average.json").read_text())
+    record = json.loads((out_dir / "retrieval-same-string-synthetic-7-average.json").read_text())
     assert record == lines[0]
     assert (record["checkpoint"]["config"]["model"]["num_branches"] == 3
             and record["checkpoint"]["label"] == "m2m cls H=3")
@@ -188,7 +206,7 @@ def test_m2m_tables_json_heatmap_and_results_file(capsys, m2m, eval_data, work):
 
     # Appending again adds lines, never rewrites; compare puts the runs side by side.
     code, _, err = run(capsys, "retrieval", "--checkpoint", m2m, "--data", eval_data, "--out", out_dir,
-                       "--branches", "background")
+                       "--branches", "background", "--positives", "same-string")
     assert code == 0, err
     lines = records(results)
     assert len(lines) == 4 and lines[-1]["fusion"] == {"method": "average", "label": "average[1]", "branches": [1],
@@ -210,7 +228,8 @@ def test_o2o_and_o2m_checkpoints_run_the_same_way(capsys, o2o, eval_data, work):
     results = work / "shared_results.jsonl"  # several runs, one results file
     for ckpt in (o2o, o2m):
         code, out, err = run(capsys, "retrieval", "--checkpoint", ckpt, "--data", eval_data, "--results", results,
-                             "--fusion", "average,max,norm-max", "--text-ids", "raw", "style")
+                             "--fusion", "average,max,norm-max", "--text-ids", "raw", "style",
+                             "--positives", "same-string")  # coarse texts: 16 raw strings
         assert code == 0, err
     lines = records(results)
     assert [r["checkpoint"]["label"] for r in lines] == ["o2o none H=1"] * 3 + ["o2m none H=1"] * 3
@@ -347,14 +366,14 @@ def test_adaptive_fusion_and_the_side_by_side_table(capsys, m2m_adaptive, m2m, e
     code, out, err = run(capsys, "zeroshot", "--checkpoint", m2m_adaptive, "--data", colours, "--templates", templates,
                          "--fusion", "average,adaptive,each-branch", "--out", work / "adaptive_out")
     assert code == 0, err
-    code, out, err = run(capsys, "retrieval", "--checkpoint", m2m_adaptive, "--data", eval_data,
-                         "--fusion", "average,adaptive,each-branch", "--out", work / "adaptive_out")
+    code, out, err = run(capsys, "retrieval", "--checkpoint", m2m_adaptive, "--data", eval_data, "--positives",
+                         "same-string", "--fusion", "average,adaptive,each-branch", "--out", work / "adaptive_out")
     assert code == 0, err
     lines = records(results)
     labels = [r["fusion"]["label"] for r in lines]
     assert labels == ["average", "adaptive", "average[0]", "average[1]", "average[2]"] * 2
     zeroshot = {r["fusion"]["label"]: r["metrics"] for r in lines if r["task"] == "zeroshot"}
-    retrieval = {r["fusion"]["label"]: r["metrics"] for r in lines if r["task"] == "retrieval"}
+    retrieval = {r["fusion"]["label"]: r["metrics"] for r in lines if r["task"] == "retrieval-same-string"}
     print({k: v["top1"] for k, v in zeroshot.items()})
     print({k: {t: (m["i2t"]["R@1"], m["t2i"]["R@1"]) for t, m in v.items()} for k, v in retrieval.items()})
     # Colour prompts: adaptive does about as well as the colour branch ("style") alone.
@@ -365,7 +384,7 @@ def test_adaptive_fusion_and_the_side_by_side_table(capsys, m2m_adaptive, m2m, e
     code, out, _ = run(capsys, "compare", m2m_adaptive.parent)
     table = out[out.index("fusions side by side"):]
     assert code == 0 and "adaptive" in table and "branch 0 (style)" in table and "branch 1 (background)" in table
-    assert "zeroshot colours-name" in table and "retrieval synthetic-7 background" in table
+    assert "zeroshot colours-name" in table and "retrieval-same-string synthetic-7 background" in table
 
 
 def test_adaptive_needs_the_branch_profile(capsys, m2m, o2o, eval_data, work):
@@ -530,3 +549,113 @@ def test_text_embeddings_do_not_depend_on_trimmed_padding(m2m_untrained):
     with torch.no_grad():
         full = model.encode_text(tokenizer(texts))
     assert torch.allclose(embed_texts(model, tokenizer, texts, EmbedOptions(progress=False)), full, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- CLIP_benchmark
+
+
+def clip_benchmark_retrieval_set(root: Path, n: int = 40, seed: int = 11) -> Path:
+    """A retrieval benchmark as CLIP_benchmark's convert_retrieval_dataset writes one: DIR/test/{0..}.tar with
+    <key>.png and <key>.txt (captions one per line), nshards.txt, dataset_type.txt."""
+    import webdataset as wds
+
+    rng = random.Random(seed)
+    (root / "test").mkdir(parents=True)
+    with wds.ShardWriter(str(root / "test" / "%d.tar"), maxcount=16, verbose=0) as sink:
+        for i in range(n):
+            shape, colour, background = rng.choice(SHAPES), rng.choice(list(COLOURS)), rng.choice(list(BACKGROUNDS))
+            buf = io.BytesIO()
+            draw(shape, colour, background, "top left", 32, rng).save(buf, "PNG")
+            # Distinct strings (no exact ties), so CLIP_benchmark's topk and our tie rule must agree.
+            captions = [f"{colour} {shape} {i}", f"a {colour} {shape} on a {background} background, picture {i}"]
+            sink.write({"__key__": f"s{i:07d}", "png": buf.getvalue(), "txt": "\n".join(captions)})
+        shards = sink.shard
+    (root / "test" / "nshards.txt").write_text(f"{shards}\n")
+    (root / "dataset_type.txt").write_text("retrieval\n")
+    return root
+
+
+def clip_benchmark_classification_set(root: Path, per_colour: int = 6, seed: int = 12) -> Path:
+    import webdataset as wds
+
+    rng = random.Random(seed)
+    colours = list(COLOURS)
+    (root / "test").mkdir(parents=True)
+    with wds.ShardWriter(str(root / "test" / "%d.tar"), maxcount=10, verbose=0) as sink:
+        for i in range(per_colour * len(colours)):
+            buf = io.BytesIO()
+            image = draw(rng.choice(SHAPES), colours[i % 4], rng.choice(list(BACKGROUNDS)), "top left", 32, rng)
+            image.save(buf, "PNG")
+            sink.write({"__key__": f"s{i:07d}", "png": buf.getvalue(), "cls": i % 4})
+        shards = sink.shard
+    (root / "test" / "nshards.txt").write_text(f"{shards}\n")
+    (root / "classnames.txt").write_text("\n".join(colours) + "\n")
+    (root / "zeroshot_classification_templates.txt").write_text("bright {c} tones\na {c} thing\n")
+    return root
+
+
+def clip_benchmark_module(where: Path, name: str):
+    """A module of CLIP_benchmark's released package (pip download into a temporary directory, never committed)."""
+    import importlib.util
+
+    wheel = next(where.glob("clip_benchmark-*.whl"), None)
+    if wheel is None:
+        done = subprocess.run([sys.executable, "-m", "pip", "download", "clip-benchmark==1.6.2", "--no-deps",
+                               "--quiet", "-d", str(where)], capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr
+        wheel = next(where.glob("clip_benchmark-*.whl"))
+    import zipfile
+
+    path = where / f"{name.replace('/', '_')}"
+    with zipfile.ZipFile(wheel) as z:
+        path.write_bytes(z.read(f"clip_benchmark/{name}"))
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_clip_benchmark_layout_and_its_own_retrieval_code_agree(capsys, o2o, work):
+    import webdataset as wds
+
+    from eval.clip_benchmark import load_holiclip
+    from eval.clip_benchmark import main as adapter_main
+
+    bench = clip_benchmark_retrieval_set(work / "cb_retrieval")
+    results = work / "cb.jsonl"
+    code, out, err = run(capsys, "retrieval", "--checkpoint", o2o, "--data", bench, "--results", results)
+    assert code == 0, err
+    ours = records(results)[-1]
+    assert ours["data"]["kind"] == "clip_benchmark" and ours["data"]["images"] == 40
+    assert list(ours["metrics"]) == ["c0", "c1", "all"] and ours["metrics"]["all"]["captions"] == 80
+
+    # The same export through the adapter, scored by CLIP_benchmark's own zeroshot_retrieval.evaluate
+    # on a loader built as its build_wds_dataset builds one.
+    retrieval = clip_benchmark_module(work, "metrics/zeroshot_retrieval.py")
+    model, transform, tokenizer = load_holiclip("holiclip", str(o2o), device="cpu")
+    shards = int((bench / "test" / "nshards.txt").read_text())
+    dataset = (wds.WebDataset(str(bench / "test" / f"{{0..{shards - 1}}}.tar"), nodesplitter=lambda src: src,
+                              shardshuffle=False)
+               .decode(wds.autodecode.ImageHandler("pil", extensions=["webp", "png", "jpg", "jpeg"]))
+               .to_tuple(["webp", "png", "jpg", "jpeg"], "txt")
+               .map_tuple(transform, str.splitlines))
+    loader = torch.utils.data.DataLoader(dataset.batched(16), batch_size=None, shuffle=False, num_workers=0)
+    theirs = retrieval.evaluate(model, loader, tokenizer, device="cpu", amp=False, recall_k_list=[1, 5, 10])
+    for k in (1, 5, 10):  # their "image retrieval" is text -> image
+        assert theirs[f"image_retrieval_recall@{k}"] == pytest.approx(ours["metrics"]["all"]["t2i"][f"R@{k}"])
+        assert theirs[f"text_retrieval_recall@{k}"] == pytest.approx(ours["metrics"]["all"]["i2t"][f"R@{k}"])
+    assert 0 < ours["metrics"]["all"]["t2i"]["R@10"] < 1  # neither trivial nor hopeless: the comparison says something
+
+    # Zero-shot reads the benchmark's class names and {c} templates beside the shards.
+    classes = clip_benchmark_classification_set(work / "cb_classes")
+    code, out, err = run(capsys, "zeroshot", "--checkpoint", o2o, "--data", classes, "--results", results)
+    assert code == 0, err
+    z = records(results)[-1]
+    assert z["metrics"]["classes"] == 4 and z["metrics"]["templates"] == 2 and z["data"]["images"] == 24
+    assert z["metrics"]["templates_file"].endswith("zeroshot_classification_templates.txt")
+    assert z["metrics"]["classnames"].endswith("classnames.txt")
+    assert z["metrics"]["top1"] > 0.5  # o2o learnt colours from "red circle"-like alt-texts; chance is 1/4
+    # The wrong task for a set names the file that says what it is.
+    code, _, err = run(capsys, "zeroshot", "--checkpoint", o2o, "--data", bench, "--results", results)
+    assert code == 2 and "dataset_type.txt" in err and "python -m eval retrieval" in err
+    assert adapter_main() == 2 and "pip install clip-benchmark" in capsys.readouterr().err

@@ -88,12 +88,19 @@ def test_defaults_and_overrides(tmp_path):
     (with_changes("model", branch="none", num_branches=3), [], "model.num_branches: must be 1"),
     (MINIMAL, ["train.steps"], "override 'train.steps' must look like section.key=value"),
     (with_changes("model", brnch="cls"), [], "model.brnch: unknown key (known here: config, branch, num_branches, "
-                                             "mlp_branch_layers, tokenizer) (did you mean 'branch'?)"),
+                                             "mlp_branch_layers, tokenizer, init) (did you mean 'branch'?)"),
     (with_changes("data", text_ids=["raw", 5]), [], "data.text_ids[1]: expected a string, got 5"),
     (with_changes("data", crop_scale=[0.9, "1"]), [], "data.crop_scale[1]: expected a number, got '1'"),
     (with_changes("train", steps="10"), [], "train.steps: expected an integer, got '10'"),
     (with_changes("train", zero_stage=True), [], "train.zero_stage: expected an integer, got True"),
     (MINIMAL, ["model.num_branches=0"], "model.num_branches: must be at least 1 or null, got 0"),
+    # Evaluation during training: an evaluation is of a checkpoint; sets are named once, in names files can carry.
+    (MINIMAL, ["eval.every_steps=3", "checkpoint.every_steps=2"],
+     "eval.every_steps (3) must be a multiple of checkpoint.every_steps (2)"),
+    (MINIMAL, ["eval.retrieval=[{name: a, data: x}, {name: a, data: y}]"], "eval: set names must be distinct"),
+    (MINIMAL, ["eval.zeroshot=[{name: 'a/b', data: x}]"], "eval.zeroshot[0].name: String should match pattern"),
+    (MINIMAL, ["eval.retrieval=[{name: a, data: x, positives: same}]"], "eval.retrieval[0].positives"),
+    (MINIMAL, ["eval.fusions=[avg]"], "eval.fusions: must be among ['average'"),
 ])
 def test_errors_name_file_and_key(tmp_path, data, overrides, message):
     path = write(tmp_path, data)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -33,7 +34,7 @@ import pytest
 import torch
 from conftest import free_port
 from safetensors.torch import load_file
-from synthetic_data import TEXT_IDS, add_truncated_shard, make_synthetic_dataset
+from synthetic_data import COLOURS, SHAPES, TEXT_IDS, add_truncated_shard, draw, make_synthetic_dataset
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from train.export import load_exported
@@ -193,16 +194,44 @@ def test_training_run(runs, name, tmp_path):
     assert load_exported(tmp_path / "cli")[2]["text_ids"] == text_ids
 
 
+@pytest.fixture(scope="module")
+def eval_sets(tmp_path_factory) -> list[str]:
+    """Held-out sets for evaluation during training: a retrieval set in the project's format and a
+    zero-shot image folder per colour, with two templates."""
+    root = tmp_path_factory.mktemp("eval_sets")
+    heldout = make_synthetic_dataset(root / "heldout", shards=1, per_shard=24, seed=9)
+    rng = random.Random(9)
+    for i in range(16):
+        colour = list(COLOURS)[i % 4]
+        (root / "colours" / colour).mkdir(parents=True, exist_ok=True)
+        draw(rng.choice(SHAPES), colour, "gray", "top left", 32, rng).save(root / "colours" / colour / f"{i}.png")
+    (root / "templates.txt").write_text("bright {} tones\na {} thing\n")
+    return ["eval.every_steps=8", "checkpoint.export_every=true",
+            f"eval.retrieval=[{{name: heldout, data: '{heldout}', text_ids: [raw, style]}}]",
+            f"eval.zeroshot=[{{name: colours, data: '{root / 'colours'}', templates: '{root / 'templates.txt'}'}}]"]
+
+
 @pytest.mark.parametrize("name", list(RUNS))
-def test_resume_matches_uninterrupted(runs, name, tmp_path):
+def test_resume_matches_uninterrupted(runs, name, tmp_path, eval_sets):
     run_dir, _ = runs.get(name)
     config, stage, precision, sets = RUNS[name]
     sets = [f"train.zero_stage={stage}", f"train.precision={precision}", *sets]
     resumed = tmp_path / "resumed"
     if stage == 3:  # stopped after step 8 (checkpoint and exit), then resumed by --resume auto
+        # With evaluation during training (ZeRO-3: the export's gather is collective): at step 8
+        # before the stop, at step 16 after the resume, never twice.
+        sets += eval_sets
         ok(launch(config, resumed, runs.dataset, "--stop-at-step", str(HALF), sets=sets))
         assert not (resumed / "export").exists() and (resumed / "checkpoints" / "latest").read_text() == "step00000008"
+        # As if killed after the zero-shot set's records and before the retrieval set's: the
+        # resumed run owes step 8 the retrieval set only, and evaluates it before going on.
+        results = resumed / "results.jsonl"
+        lines = results.read_text().splitlines()
+        results.write_text("".join(f"{line}\n" for line in lines if '"set":"heldout"' not in line))
+        assert len(lines) == 12 and len(results.read_text().splitlines()) == 6
         output = ok(launch(config, resumed, runs.dataset, sets=sets))
+        assert "eval at step 8: heldout (" in output and "eval at step 8: colours" not in output
+        check_evaluations(resumed)
     else:
         checkpoint = run_dir / "checkpoints" / f"step{HALF:08d}"
         output = ok(launch(config, resumed, runs.dataset, "--resume", str(checkpoint), sets=sets))
@@ -212,6 +241,36 @@ def test_resume_matches_uninterrupted(runs, name, tmp_path):
     assert sorted(again["loss/total"])[-len(steps):] == list(steps)
     differences = [abs(full[tag][s] - again[tag][s]) for tag in full if tag.startswith("loss/") for s in steps]
     assert max(differences) <= RESUME_TOLERANCE, differences
+
+
+def check_evaluations(run_dir: Path) -> None:
+    """One record per evaluation step, set and fusion in RUN/results.jsonl (the eval CLI's format);
+    the scalars and the heatmap in TensorBoard at both steps."""
+    from eval.report import read_results
+
+    records = read_results(run_dir / "results.jsonl")
+    fusions = ["average", "average[0]", "average[1]", "average[2]", "average[3]", "average[4]"]  # H = 5
+    for step in (HALF, STEPS):
+        for name, task in (("heldout", "retrieval"), ("colours", "zeroshot")):
+            mine = [r for r in records if r["training_eval"] == {"step": step, "set": name}]
+            assert [r["fusion"]["label"] for r in mine] == fusions and {r["task"] for r in mine} == {task}
+            assert all(r["checkpoint"]["config"]["training"]["step"] == step for r in mine)
+    assert len(records) == 2 * 2 * len(fusions)  # nothing repeated across the resume
+    assert sorted(p.name for p in (run_dir / "exports").iterdir()) == ["step00000008", "step00000016"]
+    events = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"images": 0})
+    events.Reload()
+    tags = events.Tags()
+    for tag in ("eval/heldout/average/all/t2i_R@1", "eval/heldout/average/raw/i2t_R@10",
+                "eval/heldout/average[1]/style/t2i_R@5", "eval/colours/average/top1", "eval/colours/average[0]/top1"):
+        assert tag in tags["scalars"], sorted(tags["scalars"])
+        assert sorted({e.step for e in events.Scalars(tag)}) == [HALF, STEPS]
+    zeroshot = {e.step: e.value for e in events.Scalars("eval/colours/average/top1")}
+    assert zeroshot == pytest.approx({step: next(r["metrics"]["top1"] for r in records if r["task"] == "zeroshot"
+                                                 and r["training_eval"]["step"] == step
+                                                 and r["fusion"]["label"] == "average")
+                                      for step in (HALF, STEPS)})
+    heatmaps = events.Images("eval/heldout/branch_heatmap")
+    assert sorted({e.step for e in heatmaps}) == [HALF, STEPS] and all(e.width > 400 for e in heatmaps)
 
 
 def test_missing_text_id_fails_before_training(dataset, tmp_path):

@@ -29,6 +29,9 @@ class ModelSection(ConfigModel):
     num_branches: int | None = Field(None, ge=1)
     mlp_branch_layers: int | None = Field(None, ge=1)  # L for branch "mlp"; default: the model config's value
     tokenizer: str = "clip"  # "clip", a CLIP BPE .txt.gz, or a local Hugging Face tokenizer directory
+    # Start from an OpenCLIP ViT checkpoint (train/openclip.py: Psi_CLS's H class tokens and Psi_MLP's
+    # H MLP copies start from its one); ignored when resuming. None: random initialisation.
+    init: str | None = None
 
     @field_validator("num_branches")
     @classmethod
@@ -178,8 +181,69 @@ class TrainSection(ConfigModel):
 
 class CheckpointSection(ConfigModel):
     every_steps: int = Field(1000, ge=1)
-    keep_last: int = Field(2, ge=0)  # older step checkpoints are deleted; 0 keeps all
+    keep_last: int = Field(2, ge=0)  # older step checkpoints (and step exports) are deleted; 0 keeps all
     export: bool = True  # write RUN/export (safetensors + JSON) at the end of the run
+    export_every: bool = False  # also write RUN/exports/<step tag> at every checkpoint
+
+
+_SET_NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"  # names files and TensorBoard tags
+
+
+class ZeroshotSet(ConfigModel):
+    """A held-out zero-shot set, as `python -m eval zeroshot` reads it (docs/evaluation.md)."""
+
+    name: str = Field(pattern=_SET_NAME)
+    data: str  # labelled shards, DIR/<class>/<image>, or a CLIP_benchmark WebDataset benchmark
+    classnames: str | None = None  # default: eval's (the set's own, or ImageNet's for integer labels)
+    templates: str | None = None  # default: eval's (the set's own, or the 80 CLIP templates)
+
+
+class RetrievalSet(ConfigModel):
+    """A held-out retrieval set, as `python -m eval retrieval` reads it."""
+
+    name: str = Field(pattern=_SET_NAME)
+    data: str  # a dataset in the project's format, or a CLIP_benchmark WebDataset retrieval benchmark
+    text_ids: Strings | None = None  # default: every text id of the set
+    positives: Literal["own", "same-string"] = "own"  # own: CLIP_benchmark's rule
+
+
+class EvalSection(ConfigModel):
+    """Evaluation during training (train/evaluation.py): the sets are scored at every_steps and at
+    the end, on rank 0, by the eval CLI on an export of the checkpoint."""
+
+    every_steps: int | None = Field(None, ge=1)  # a multiple of checkpoint.every_steps; None: only at the end
+    at_end: bool = True  # also after the last step (when there is any set)
+    zeroshot: list[ZeroshotSet] = Field(default_factory=list)
+    retrieval: list[RetrievalSet] = Field(default_factory=list)
+    # eval's --fusion methods; default: average, and each branch alone when H > 1
+    fusions: Strings | None = None
+    device: str | None = None  # default: rank 0's training device
+    batch_size: int = Field(64, ge=1)
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    limit: int | None = Field(None, ge=1)  # first N images of each set (quick looks)
+
+    @model_validator(mode="after")
+    def _distinct_names(self) -> EvalSection:
+        names = [s.name for s in [*self.zeroshot, *self.retrieval]]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise ValueError(f"set names must be distinct, {twice} appear twice")
+        return self
+
+    @field_validator("fusions")
+    @classmethod
+    def _known_fusions(cls, fusions: tuple[str, ...] | None) -> tuple[str, ...] | None:
+        known = ("average", "max", "norm-max", "adaptive", "each-branch")
+        for f in fusions or ():
+            if f not in known:
+                raise ValueError(f"must be among {list(known)}, got {f!r}")
+        if fusions is not None and not fusions:
+            raise ValueError("give at least one fusion, or leave it unset")
+        return fusions
+
+    @property
+    def sets(self) -> list[ZeroshotSet | RetrievalSet]:
+        return [*self.zeroshot, *self.retrieval]
 
 
 class LogSection(ConfigModel):
@@ -197,6 +261,7 @@ class TrainConfig(ConfigModel):
     optim: OptimSection = OptimSection()
     checkpoint: CheckpointSection = CheckpointSection()
     log: LogSection = LogSection()
+    eval: EvalSection = EvalSection()
 
     @model_validator(mode="after")
     def _sections_agree(self) -> TrainConfig:
@@ -211,6 +276,10 @@ class TrainConfig(ConfigModel):
             raise ValueError(f"loss.mode: 'o2m' needs model.branch 'none' (one embedding), got {branch!r}")
         if mode == "m2m" and branch == "none":
             raise ValueError("loss.mode: 'm2m' needs model.branch 'cls' or 'mlp'; with one embedding use 'o2m'")
+        every, saved = self.eval.every_steps, self.checkpoint.every_steps
+        if every is not None and every % saved:
+            raise ValueError(f"eval.every_steps ({every}) must be a multiple of checkpoint.every_steps ({saved}): "
+                             "an evaluation is of a checkpoint")
         return self
 
     @property

@@ -21,6 +21,7 @@ import faulthandler
 import hashlib
 import logging
 import os
+import shutil
 import signal
 import sys
 import threading
@@ -43,6 +44,7 @@ from train.data import (
     resolve_sources,
 )
 from train.distributed import Bookkeeping
+from train.evaluation import Evaluation
 from train.export import ExportError, add_branch_profile_or_warn, export_checkpoint, probe_inputs
 from train.launch import Launch, LaunchError, decide
 from train.loss import MultiTextContrastiveLoss
@@ -55,6 +57,7 @@ from train.model import (
     load_model_config,
     param_groups,
 )
+from train.openclip import ConversionError, init_from_openclip
 from train.schedule import make_scheduler
 from train.step import NonFiniteLoss, Precision, run_step, to_device
 from train.tokenizer import Tokenizer, load_tokenizer
@@ -198,6 +201,14 @@ def train(cfg: TrainConfig, resume: str = "auto", stop_at_step: int | None = Non
     data_warnings = (check_text_ids(sources, cfg.data.text_ids, cfg.data.fallback_text_id)
                      if cfg.data.check_text_ids else [])
     start_from = resume_path(resume, checkpoint_dir)
+    if cfg.model.init and not Path(cfg.model.init).is_file():
+        raise ConfigError(f"model.init: {cfg.model.init} is not a file")
+    for key, s in [*((f"eval.zeroshot[{i}]", s) for i, s in enumerate(cfg.eval.zeroshot)),
+                   *((f"eval.retrieval[{i}]", s) for i, s in enumerate(cfg.eval.retrieval))]:
+        for field in ("data", "classnames", "templates"):
+            value = getattr(s, field, None)
+            if value and not Path(value).exists():
+                raise ConfigError(f"{key}.{field}: {value} does not exist")
 
     import deepspeed
     import torch.distributed as dist
@@ -226,6 +237,13 @@ def train(cfg: TrainConfig, resume: str = "auto", stop_at_step: int | None = Non
 
     torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
     model = HolisticCLIP(model_cfg)
+    if cfg.model.init and start_from is None:
+        try:
+            init_from_openclip(model, cfg.model.init)
+        except ConversionError as e:
+            raise ConfigError(f"model.init: {e}") from None
+        if rank == 0:
+            log.info("model: initialised from the OpenCLIP checkpoint %s", cfg.model.init)
     model.set_grad_checkpointing(cfg.train.grad_checkpointing)
     num_parameters = count_parameters(model)  # before ZeRO-3 partitions them away
     o = cfg.optim
@@ -275,6 +293,7 @@ def train(cfg: TrainConfig, resume: str = "auto", stop_at_step: int | None = Non
                       total_steps=cfg.train.steps, start_step=step)
     text_ids = list(cfg.data.text_ids)
     first_step = step
+    evaluation = Evaluation(cfg.eval, run_dir, cfg.train.steps, model_cfg.num_branches, str(device))
 
     def client_state() -> dict[str, Any]:
         return {
@@ -289,6 +308,24 @@ def train(cfg: TrainConfig, resume: str = "auto", stop_at_step: int | None = Non
     def empty_window() -> dict[str, Any]:  # what is averaged between two log lines
         return {"time": 0.0, "wait": 0.0, "steps": 0, "losses": 0.0}
 
+    def export_and_evaluate(path: Path) -> None:
+        """RUN/exports/<tag> of the checkpoint just saved (or resumed from), and the evaluation due there."""
+        if not (cfg.checkpoint.export_every or evaluation.due(step)):
+            return
+        target = run_dir / "exports" / path.name
+        export_run(engine, precision, tokenizer, model_cfg, target, path, rank, profile=evaluation.needs_profile)
+        if rank == 0:
+            if cfg.checkpoint.keep_last:
+                for old in sorted(p.name for p in target.parent.iterdir() if p.is_dir())[:-cfg.checkpoint.keep_last]:
+                    shutil.rmtree(target.parent / old, ignore_errors=True)
+            evaluation.run(step, target, metrics.writer)
+        dist.barrier()  # the other ranks wait for rank 0's evaluation
+
+    if start_from is not None and evaluation.due(step):  # killed between the checkpoint and its evaluation?
+        missing = [bool(evaluation.pending(step))] if rank == 0 else [None]
+        dist.broadcast_object_list(missing, src=0)  # only rank 0 reads RUN/results.jsonl
+        if missing[0]:
+            export_and_evaluate(start_from)
     window = empty_window()
     engine.train()
     while step < last_step:
@@ -345,9 +382,11 @@ def train(cfg: TrainConfig, resume: str = "auto", stop_at_step: int | None = Non
             path = checkpoint.save(engine, checkpoint_dir, step, client_state(), cfg.checkpoint.keep_last)
             if rank == 0:
                 metrics.write(f"step {step}: loss {result.losses[0]:.4f}, checkpoint {path}")
+            export_and_evaluate(path)
 
     if step == cfg.train.steps and cfg.checkpoint.export:  # the last step always checkpoints
-        export_run(engine, precision, tokenizer, model_cfg, run_dir, checkpoint_dir / checkpoint.tag_for(step), rank)
+        final = checkpoint_dir / checkpoint.tag_for(step)
+        export_run(engine, precision, tokenizer, model_cfg, run_dir / "export", final, rank)
     counts = books.sum(data_counts.vector())
     problems = books.gather(data_counts.problems())
     metrics.close()
@@ -382,9 +421,10 @@ def clamp_logit_scale(engine) -> None:
             mapping.hp_fragment.data.clamp_(0, LOGIT_SCALE_MAX)
 
 
-def export_run(engine, precision: Precision, tokenizer: Tokenizer, model_cfg: ModelConfig, run_dir: Path,
-               final: Path, rank: int) -> None:
-    """RUN/export from the final checkpoint, with a probe computed by the live engine.
+def export_run(engine, precision: Precision, tokenizer: Tokenizer, model_cfg: ModelConfig, target: Path,
+               final: Path, rank: int, profile: bool = True) -> None:
+    """An export (RUN/export, or RUN/exports/<tag>) of a checkpoint the live engine holds, with a
+    probe computed by the engine.
 
     The probe forward is collective under ZeRO-3 (parameters are gathered), so every rank runs
     it; rank 0 converts the checkpoint (zero_to_fp32 for ZeRO >= 1) and writes the export. It
@@ -402,9 +442,10 @@ def export_run(engine, precision: Precision, tokenizer: Tokenizer, model_cfg: Mo
         weights, state = checkpoint.consolidated_state_dict(final)
         probe = {"images": images, "tokens": tokens, "image_embeddings": out["image"].float().cpu(),
                  "text_embeddings": out["text"].float().cpu()}
-        target = export_checkpoint(run_dir / "export", weights, model_cfg, text_ids=state["text_ids"],
+        target = export_checkpoint(target, weights, model_cfg, text_ids=state["text_ids"],
                                    tokenizer=state["tokenizer"], training=state["training"], probe=probe)
-        add_branch_profile_or_warn(target, device=engine.device)  # adaptive fusion's profile (issue 19)
+        if profile:
+            add_branch_profile_or_warn(target, device=engine.device)  # adaptive fusion's profile (issue 19)
         log.info("exported %s -> %s", final, target)
     dist.barrier()
 

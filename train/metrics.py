@@ -12,6 +12,7 @@ TensorBoard tags (RUN/tensorboard):
                             one step's wall time, the part spent waiting for the data loader
                             (rank 0), and the rest
     data/<count>            samples used, shards read, and what was skipped (summed over ranks)
+    eval/<set>/...          evaluation during training (train/evaluation.py, docs/training.md)
 """
 
 from __future__ import annotations

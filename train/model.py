@@ -27,6 +27,7 @@ from torch.utils.checkpoint import checkpoint
 CONFIG_DIR = Path(__file__).parent / "model_configs"
 BRANCH_TYPES = ("cls", "mlp", "none")
 TEXT_POOLS = ("argmax", "last")
+ACTIVATIONS = ("gelu", "quick_gelu")
 LOGIT_SCALE_INIT = math.log(1 / 0.07)
 LOGIT_SCALE_MAX = math.log(100.0)  # exp(theta) <= 100, as in CLIP
 
@@ -58,6 +59,9 @@ class ModelConfig:
     # largest id); with the causal mask that token has seen the whole text.
     text_pool: str = "argmax"
     pad_token_id: int = 0
+    # The MLP's activation: "gelu" (exact, OpenCLIP's default) or "quick_gelu" (x * sigmoid(1.702 x),
+    # OpenAI CLIP's; OpenCLIP's "-quickgelu" models), for weights trained with it.
+    activation: str = "gelu"
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -68,6 +72,9 @@ class ModelConfig:
             elif f.name == "text_pool":
                 if value not in TEXT_POOLS:
                     raise ValueError(f"'text_pool' must be one of {TEXT_POOLS}, got {value!r}")
+            elif f.name == "activation":
+                if value not in ACTIVATIONS:
+                    raise ValueError(f"'activation' must be one of {ACTIVATIONS}, got {value!r}")
             elif (isinstance(value, bool) or not isinstance(value, int)
                   or value < (0 if f.name == "pad_token_id" else 1)):
                 kind = "a non-negative" if f.name == "pad_token_id" else "a positive"
@@ -141,8 +148,9 @@ class Block(nn.Module):
     through the i-th copy. Attention never mixes rows, so the streams stay independent.
     """
 
-    def __init__(self, width: int, heads: int, num_branches: int = 1) -> None:
+    def __init__(self, width: int, heads: int, num_branches: int = 1, activation: str = "gelu") -> None:
         super().__init__()
+        self.quick_gelu = activation == "quick_gelu"
         self.ln_1 = nn.LayerNorm(width)
         self.attn = Attention(width, heads)
         self.ln_2 = nn.LayerNorm(width)
@@ -151,7 +159,8 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
         x = x + self.attn(self.ln_1(x), attn_mask)
-        h = F.gelu(self.mlp_fc(self.ln_2(x)))
+        h = self.mlp_fc(self.ln_2(x))
+        h = h * torch.sigmoid(1.702 * h) if self.quick_gelu else F.gelu(h)
         h = torch.cat([proj(chunk) for proj, chunk in zip(self.mlp_proj, h.chunk(len(self.mlp_proj)), strict=True)])
         return x + h
 
@@ -201,7 +210,7 @@ class VisionTransformer(nn.Module):
         self.positional_embedding = nn.Parameter(scale * torch.randn(num_tokens, width))
         self.ln_pre = nn.LayerNorm(width)
         self.blocks = nn.ModuleList(
-            Block(width, cfg.vision_heads, self.num_streams if i >= self.first_branch_block else 1)
+            Block(width, cfg.vision_heads, self.num_streams if i >= self.first_branch_block else 1, cfg.activation)
             for i in range(cfg.vision_layers)
         )
         self.ln_post = nn.LayerNorm(width)
@@ -242,7 +251,8 @@ class TextTransformer(nn.Module):
         width = cfg.text_width
         self.token_embedding = nn.Embedding(cfg.vocab_size, width)
         self.positional_embedding = nn.Parameter(torch.empty(cfg.context_length, width))
-        self.blocks = nn.ModuleList(Block(width, cfg.text_heads) for _ in range(cfg.text_layers))
+        self.blocks = nn.ModuleList(Block(width, cfg.text_heads, activation=cfg.activation)
+                                    for _ in range(cfg.text_layers))
         self.ln_final = nn.LayerNorm(width)
         self.proj = nn.Linear(width, cfg.embed_dim, bias=False)
         nn.init.normal_(self.token_embedding.weight, std=0.02)

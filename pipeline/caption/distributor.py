@@ -78,8 +78,8 @@ def _remote_classes():
         shard: on a node whose cores the engines use, every such start (~0.5 s of CPU) is taken
         from them."""
 
-        def write(self, source: str, output: str, identities: dict[str, str], *results):
-            return write_captioned_shard(source, output, list(results), identities)
+        def write(self, source: str, output: str, identities: dict[str, str], txt: str | None, *results):
+            return write_captioned_shard(source, output, list(results), identities, txt)
 
     return ray.remote(CaptionActor), ray.remote(WriterActor)
 
@@ -293,7 +293,7 @@ class RayRun:
         if not plan.work:
             output = str(self.job.writer.shard_path(plan.name))
             # Written on the node that made the last texts, where its results already are.
-            writes[writers.on(slot.node_id).write.remote(plan.source, output, plan.identities,
+            writes[writers.on(slot.node_id).write.remote(plan.source, output, plan.identities, self.job.writer.txt,
                                                          *plan.results.values())] = plan
 
     def _retry(self, plan: ShardPlan, pool: Pool, reason: str, open_plans) -> None:

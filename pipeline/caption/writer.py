@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from data_manifests import (
+    RAW,
     SampleFormatError,
     ShardInfo,
     ShardReader,
@@ -58,8 +59,10 @@ def record_extra(out: dict[str, Any], identities: dict[str, str]) -> dict[str, A
 
 
 def write_captioned_shard(source: str, output: str, results: list[ShardResult],
-                          identities: dict[str, str] | None = None) -> dict[str, Any]:
+                          identities: dict[str, str] | None = None, txt: str | None = RAW) -> dict[str, Any]:
     """Read `source`, merge the results, write `output` atomically. Returns what the driver commits.
+
+    `txt`: the text id each sample's `.txt` member holds (the output dataset's choice, `raw` by default).
 
     A sample the source holds but the format refuses (read) or that cannot be stored with its new
     texts (write) is left out, counted in `refused` by reason and named in `problems`. With
@@ -84,7 +87,7 @@ def write_captioned_shard(source: str, output: str, results: list[ShardResult],
                 "problems": [str(p) for p in reader.problems] + problems}
 
     try:
-        with ShardWriter(output) as writer:
+        with ShardWriter(output, txt=txt) as writer:
             for sample in reader:
                 merge_sample(sample, results)
                 if sample.errors:

@@ -57,7 +57,7 @@ from .config import ImportConfig, IngestError
 from .converter import CONVERTED_IMAGE_MEMBERS, IMAGE_MEMBERS, ConvertOptions, SampleRejected, convert_shard, to_sample
 from .output import hold_lock, open_writer, remove_leftovers, report
 
-OUR_MEMBERS = {"jpg", "png", "webp", "json"}
+OUR_MEMBERS = {"jpg", "png", "webp", "json", "txt"}  # .txt: the caption stock loaders read (docs/data-format.md)
 
 
 def _convert_options(cfg: ImportConfig) -> ConvertOptions:
@@ -130,12 +130,17 @@ def _finish(writer, out: Path, run: dict[str, Any], text_sources: TextStats, sou
 
 # --- WebDataset -----------------------------------------------------------------------------
 def layout_problem(path: Path) -> str | None:
-    """Why a shard's members are not the project's layout (headers only), or None if they are."""
+    """Why a shard's members are not the project's layout (member names, and whether each JSON has
+    `texts`: img2dataset's shards also have .jpg, .txt and .json), or None if they are."""
     exts: set[str] = set()
-    reader = TarReader(path, read=lambda ext: False)
+    reader = TarReader(path, read=lambda ext: ext == "json")
+    without_texts = None
     try:
-        for _, members in reader.by_key():
+        for key, members in reader.by_key():
             exts.update(members)
+            # A cheap look at the bytes; index_conforming parses every sample and decides.
+            if without_texts is None and "json" in members and b'"texts"' not in members["json"]:
+                without_texts = key
     except ShardReadError as e:
         return e.reason
     if reader.problems:  # a sample the tar reader refuses would not be in the indexed shard
@@ -145,6 +150,8 @@ def layout_problem(path: Path) -> str | None:
         return "members " + ", ".join(f".{e}" for e in extra) + " are not part of the project's format"
     if "json" not in exts:
         return "no .json members"
+    if without_texts is not None:
+        return f"sample {without_texts}: its .json has no texts (img2dataset's layout, say)"
     return None
 
 
