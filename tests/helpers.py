@@ -57,10 +57,11 @@ def write_raw_tar(path: Path, members: list[tuple[str, bytes]]) -> None:
 
 
 def snapshot(root: Path) -> dict[str, tuple[int, int, bytes]]:
-    """Everything under a directory: path -> (size, mtime_ns, content), to prove read-only."""
+    """Everything under a directory: path -> (size, mtime_ns, content), to prove read-only. A
+    job's lock file (`.<stage>.lock`, which names the last job that held it) is not data."""
     out = {}
     for p in sorted(root.rglob("*")):
-        if p.is_file():
+        if p.is_file() and not (p.name.startswith(".") and p.name.endswith(".lock")):
             st = p.stat()
             out[str(p.relative_to(root))] = (st.st_size, st.st_mtime_ns, p.read_bytes())
     return out
