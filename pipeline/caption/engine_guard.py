@@ -29,11 +29,11 @@ TOKEN_VAR = "HOLICLIP_REPLICA"
 # Run as `python -c`: needs nothing but psutil, and no import path of the project's.
 _REAPER = """
 import sys, psutil
-token, actor = sys.argv[1], int(sys.argv[2])
+var, token, actor = sys.argv[1], sys.argv[2], int(sys.argv[3])
 sys.stdin.buffer.read()  # returns when the actor's end of the pipe closes: it exited or was killed
 for p in psutil.process_iter():
     try:
-        if p.pid != actor and p.environ().get("HOLICLIP_REPLICA") == token:
+        if p.pid != actor and p.environ().get(var) == token:
             p.kill()
     except psutil.Error:
         pass
@@ -47,17 +47,11 @@ class Reaper:
         self.token = uuid.uuid4().hex
         env = {k: v for k, v in os.environ.items() if k != TOKEN_VAR}
         # Its own session: a signal to the actor's process group does not reach it first.
-        self._proc = subprocess.Popen([sys.executable, "-c", _REAPER, self.token, str(os.getpid())],
+        # Held for the actor's life: its stdin pipe closing is what tells the reaper.
+        self._proc = subprocess.Popen([sys.executable, "-c", _REAPER, TOKEN_VAR, self.token, str(os.getpid())],
                                       stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, env=env,
                                       start_new_session=True, close_fds=True)
         os.environ[TOKEN_VAR] = self.token  # inherited by the engine's processes, not by the reaper
-
-    def release(self) -> None:
-        """The engine was shut down cleanly: the reaper kills only what is left, and exits."""
-        if self._proc is not None:
-            self._proc.stdin.close()
-            self._proc.wait(timeout=30)
-            self._proc = None
 
 
 def kill_children() -> int:
