@@ -39,10 +39,19 @@ os.environ.update({
 })
 
 
+_GIVEN_PORTS: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A free port never handed out before in this session: the kernel may offer a port it just
+    freed again, and a Ray node given the same port twice refused to start (seen in a full run)."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port not in _GIVEN_PORTS:
+            _GIVEN_PORTS.add(port)
+            return port
 
 
 def _port_args(head: bool) -> list[str]:
@@ -166,7 +175,8 @@ def ray_cluster():
     # Unix socket paths must stay short: a temp dir right under /tmp.
     cluster = RayCluster(temp_dir=tempfile.mkdtemp(prefix="hcray", dir="/tmp"))
     try:
-        cluster.start_head(num_cpus=2)
+        # engine_slot: room for one replica that asks for it (the start-up tests ask for two)
+        cluster.start_head(num_cpus=2, resources={"engine_slot": 1})
         yield cluster
     finally:
         cluster.stop()

@@ -24,6 +24,7 @@ from conftest import BIN, ROOT, free_port
 
 from data_manifests import load_manifest
 from demo.tiny_vlm import build_tiny_llava, build_tiny_qwen2vl
+from pipeline.caption.captioner import HANG_FILE_VAR
 
 pytestmark = pytest.mark.slow
 TWO_PROMPTS = {"set": "default", "ids": ["detail", "background"]}
@@ -152,15 +153,15 @@ def _submit_reference_config(cluster, models, images, tmp_path, env=(), **option
     return config, _submission_id(r.stdout)
 
 
-def _start_until_first_shard(cluster, models, images, tmp_path) -> tuple[Path, str]:
-    """Submit the reference config without waiting; return once one shard is finished."""
-    config, job = _submit_reference_config(cluster, models, images, tmp_path)
-    _wait_for_records(tmp_path / "out", 1)
-    return config, job
+# Two replicas asked for, room for one (the cluster has one engine_slot): the job must go on with
+# the one that starts, not wait for the other for ever.
+ONE_OF_TWO = {"replicas": 2, "resources": {"num_cpus": 1, "custom": {"engine_slot": 1}}}
 
 
 def test_killed_driver_resumes_to_the_same_texts(ray_cluster, reference, models, images, tmp_path):
-    config, job = _start_until_first_shard(ray_cluster, models, images, tmp_path)
+    """Also: more replicas asked for than the cluster holds (the job goes on with the one it gets)."""
+    config, job = _submit_reference_config(ray_cluster, models, images, tmp_path, **ONE_OF_TWO)
+    _wait_for_records(tmp_path / "out", 1)
     # The job's entrypoint runs as `sh -c "python -m ..."`: the driver is the python process.
     drivers = [p for p in _processes(rf"pipeline\.caption --config {re.escape(str(config))}")
                if p.name().startswith("python")]
@@ -174,12 +175,29 @@ def test_killed_driver_resumes_to_the_same_texts(ray_cluster, reference, models,
 
     r = submit(ray_cluster, config)
     assert r.returncode == 0 and "succeeded" in r.stdout, r.stdout[-4000:]
+    assert ("going on with 1 of 2 replicas ready; 1 still starting (each replica asks for CPU 1, engine_slot 1; "
+            "the cluster has CPU 1 free of 2, engine_slot 0 free of 1;") in r.stdout, r.stdout[-4000:]
     # A shard published in the instant before the kill is recorded from its intent, not redone.
     recovered = r.stdout.count("recorded now")
     assert f"{6 - done_before - recovered} shards to caption" in r.stdout  # only what was missing
     assert verify(tmp_path / "out").returncode == 0
     # Every sample exactly once (read_texts asserts it), with the texts of the uninterrupted run.
     assert read_texts(tmp_path / "out") == reference["texts"]
+
+
+SHARD_TIMEOUT_S = 30  # a shard takes a few seconds here, with one image in flight
+
+
+def test_too_few_replicas_within_the_start_timeout_stop_the_job_naming_the_missing_resources(
+        ray_cluster, models, images, tmp_path):
+    cap = captioner("tiny-qwen", models["qwen"], TWO_PROMPTS, min_replicas=2, start_timeout_s=5, **ONE_OF_TWO)
+    config = write_config(tmp_path / "job.yaml", images, tmp_path / "out", [cap])
+    r = submit(ray_cluster, config)
+    assert r.returncode != 0, r.stdout[-3000:]
+    assert "captioner 'tiny-qwen': 0 of 2 replicas started, fewer than min_replicas (2); 2 replica(s) not started: " \
+           "not ready within start_timeout_s (5 s): each replica asks for CPU 1, engine_slot 1; the cluster has " \
+           "CPU " in r.stdout, r.stdout[-3000:]
+    assert not list((tmp_path / "out" / "_shards").glob("*.json"))
 
 
 def _engine_processes() -> list[psutil.Process]:
@@ -215,15 +233,20 @@ def _gone(procs: list[psutil.Process], timeout: float = 20) -> bool:
     return not [p for p in alive if p.status() != psutil.STATUS_ZOMBIE]
 
 
-def test_killed_actor_and_killed_engine_are_replaced_and_leave_no_engine_behind(ray_cluster, reference, models,
-                                                                               images, tmp_path):
+def test_killed_actor_killed_engine_and_hung_engine_are_replaced_and_leave_no_engine_behind(
+        ray_cluster, reference, models, images, tmp_path):
     """vLLM's GPU process layout on the CPU (the engine is a child process of the caption actor),
     killed two ways: the actor while its engine starts (the engine's processes die with it; the
     actor is started again), and the engine process inside a live actor after a shard (the actor
     exits and a replacement takes the unfinished shards; it used to stay and fail every shard it
-    was given). One image in flight makes a shard take seconds, so the second kill lands mid-job."""
+    was given). Then that replacement's engine hangs (a test hook: it stops answering): after
+    shard_timeout_s the replica is replaced and the shard redone; without the deadline the job
+    waited forever. One image in flight makes a shard take seconds, so the kills land mid-job.
+    The three faults share one job, to share its engine starts."""
+    hang = tmp_path / "hang-once"
     config, job = _submit_reference_config(ray_cluster, models, images, tmp_path, max_images_in_flight=1,
-                                           env={"VLLM_ENABLE_V1_MULTIPROCESSING": "1"})
+                                           shard_timeout_s=SHARD_TIMEOUT_S,
+                                           env={"VLLM_ENABLE_V1_MULTIPROCESSING": "1", HANG_FILE_VAR: str(hang)})
     # An engine takes 15 s or more to start here: this kill lands before it is ready.
     engines, actor = _engine_and_its_actor()
     assert not list((tmp_path / "out" / "_shards").glob("*.json"))
@@ -235,13 +258,16 @@ def test_killed_actor_and_killed_engine_are_replaced_and_leave_no_engine_behind(
     next(e for e in engines if "EngineCore" in e.name()).send_signal(signal.SIGKILL)  # its actor lives on
     assert _gone([actor]), "the actor of a dead engine stayed"
     assert _gone(engines)
+    hang.touch()  # the replacement, still starting its engine, takes it and stops answering
 
     assert _wait_job_end(ray_cluster, job, timeout=400).endswith("SUCCEEDED")
     from ray.job_submission import JobSubmissionClient
 
     logs = JobSubmissionClient(ray_cluster.dashboard_url).get_job_logs(job)
     assert "died while its engine started" in logs and "starting it again" in logs
-    assert "replica exits: the engine died" in logs and logs.count("started a replacement") == 1, logs[-3000:]
+    assert "replica exits: the engine died" in logs, logs[-3000:]
+    assert f"over shard_timeout_s ({SHARD_TIMEOUT_S}): the engine is hung" in logs and not hang.exists(), logs[-3000:]
+    assert logs.count("started a replacement") == 2, logs[-3000:]  # one per fault, none for slowness
     assert " FAILED: " not in logs
     assert verify(tmp_path / "out").returncode == 0
     assert read_texts(tmp_path / "out") == reference["texts"]

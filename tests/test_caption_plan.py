@@ -3,6 +3,9 @@ provenance conflicts, merging. Fast; the engine-backed behaviour is in test_capt
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -50,6 +53,9 @@ def base(images, tmp_path, model_dir, **cap):
      r"captioners\[0\]\.prompts: .*no prompt with id 'nope'"),
     (lambda d: d["captioners"][0].update(type="tgi"), r"captioners\[0\]\.type: 'tgi' is not one of"),
     (lambda d: d["captioners"][0].update(replicas=0), r"captioners\[0\]\.replicas: must be at least 1"),
+    (lambda d: d["captioners"][0].update(replicas=2, min_replicas=3),
+     r"captioners\[0\]\.min_replicas: 3 is more than replicas \(2\)"),
+    (lambda d: d["captioners"][0].update(shard_timeout_s=0), r"captioners\[0\]\.shard_timeout_s: must be > 0, got 0"),
     (lambda d: d["captioners"][0].update(endpoints=["http://x"]),
      r"captioners\[0\]\.endpoints: only for captioners of type openai"),
     (lambda d: d["captioners"][0].update(model="/no/such/model"),
@@ -95,6 +101,26 @@ def test_text_ids_by_captioner_count(images, tmp_path, model_dir):
     data["captioners"].append({**data["captioners"][0], "name": "other"})
     two = parse_config(data, "job.yaml", check_engine_args=False)
     assert [j.text_id for c in two.captioners for j in c.jobs()] == ["tiny/detail", "other/detail"]
+
+
+def test_engine_argument_names_are_cached_per_vllm_and_checked_without_importing_it(tmp_path, monkeypatch):
+    """A refused config and every driver used to import vLLM (15 s here) only to check `engine`
+    keys; the names are now cached under a digest of vLLM's arg_utils.py."""
+    from vllm.engine.arg_utils import AsyncEngineArgs
+
+    from pipeline.caption.config import _engine_arg_names
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    names = _engine_arg_names()
+    assert names == {f.name for f in dataclasses.fields(AsyncEngineArgs)} and "max_model_len" in names
+    [cached] = (tmp_path / "holiclip").glob("vllm-engine-args-*.json")
+    probe = ("import json, sys; from pipeline.caption.config import _engine_arg_names; "
+             "print(json.dumps([sorted(_engine_arg_names()), 'vllm' in sys.modules]))")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=ROOT, check=True,
+                         env={**os.environ, "XDG_CACHE_HOME": str(tmp_path)}).stdout
+    assert json.loads(out.splitlines()[-1]) == [sorted(names), False]  # the same names, vLLM not imported
+    cached.write_text("not json")  # a damaged entry is recomputed, not trusted
+    assert _engine_arg_names() == names and json.loads(cached.read_text()) == sorted(names)
 
 
 def test_shipped_configs_validate():

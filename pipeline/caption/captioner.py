@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import hashlib
+import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -29,6 +30,20 @@ from .backends import BACKENDS, RequestRejected
 from .config import CaptionerConfig, TextJob
 from .images import ImageDecodeError, decode
 
+# A test hook (tests/test_caption.py, the hung-engine test): the first replica to find this file
+# deletes it and stops answering, as a hung engine does. Unset, nothing is checked.
+HANG_FILE_VAR = "HOLICLIP_TEST_HANG_FILE"
+
+
+def _hang_now(path: str | None) -> bool:
+    if not path:
+        return False
+    try:
+        os.unlink(path)  # one unlink succeeds: one replica hangs, once
+        return True
+    except FileNotFoundError:
+        return False
+
 
 @dataclass
 class ShardResult:
@@ -37,8 +52,6 @@ class ShardResult:
     texts: dict[str, dict[str, str]] = field(default_factory=dict)
     flags: dict[str, dict[str, list[str]]] = field(default_factory=dict)
     errors: dict[str, dict[str, str]] = field(default_factory=dict)
-
-
 
 
 class ShardCaptioner:
@@ -50,6 +63,7 @@ class ShardCaptioner:
         self.backend = BACKENDS[cfg.type](cfg)
         self.decode_pool = ThreadPoolExecutor(max_workers=decode_threads, thread_name_prefix="decode")
         self.in_flight = asyncio.Semaphore(cfg.max_images_in_flight)  # shared by every shard in flight
+        self._hang_file = os.environ.get(HANG_FILE_VAR)
 
     async def warm_up(self) -> None:
         await self.backend.warm_up(self.cfg.jobs()[0])
@@ -111,6 +125,8 @@ class ShardCaptioner:
                     result.errors[key] = {j.text_id: str(e) for j in todo}
                     return
                 figures["images"] += 1
+                if _hang_now(self._hang_file):
+                    await asyncio.Event().wait()  # forever
                 gens = await asyncio.gather(*(self.backend.generate(image, j) for j in todo), return_exceptions=True)
                 for job, gen in zip(todo, gens, strict=True):
                     if isinstance(gen, RequestRejected):

@@ -120,11 +120,19 @@ class CaptionerConfig(ConfigModel):
     sampling: Sampling = Field(default_factory=dict)
     engine: EngineArgs = Field(default_factory=dict, validate_default=True)  # + ENGINE_DEFAULTS
     replicas: int = Field(1, ge=1)
+    # Start-up: replicas not ready within start_timeout_s (no room on the cluster, an engine that
+    # cannot load) are given up; the job goes on if at least min_replicas are ready, else stops
+    # naming the resources it lacks. The same timeout bounds a replacement's start.
+    min_replicas: int = Field(1, ge=1)
+    start_timeout_s: float = Field(1800.0, gt=0)
     resources: Resources = Resources()
     scheduling: Literal["spread", "pack"] = "spread"  # spread replicas over nodes, or pack them
     env: dict[str, EnvValue] = Field(default_factory=dict)
     max_images_in_flight: int = Field(64, ge=1)
     max_shards_in_flight: int = Field(2, ge=1)
+    # A shard still unanswered this long after its replica was ready to work: the engine is taken
+    # for hung, the replica replaced and the shard redone. Generous: a slow shard costs a retry.
+    shard_timeout_s: float = Field(3600.0, gt=0)
     # openai type only
     endpoints: list[str] = Field(default_factory=list, validate_default=True)
     concurrency: int = Field(16, ge=1)
@@ -189,6 +197,14 @@ class CaptionerConfig(ConfigModel):
         if endpoints and not openai:
             raise ValueError("only for captioners of type openai")
         return endpoints
+
+    @field_validator("min_replicas")
+    @classmethod
+    def _at_most_replicas(cls, value: int, info: ValidationInfo) -> int:
+        replicas = info.data.get("replicas", 1)
+        if value > replicas:
+            raise ValueError(f"{value} is more than replicas ({replicas})")
+        return value
 
     @field_validator(*_OPENAI_ONLY)
     @classmethod
@@ -290,11 +306,41 @@ class CaptionConfig(ConfigModel):
 
 
 def _engine_arg_names() -> set[str]:
+    """The names of vLLM's engine arguments, to check a config's `engine` keys against.
+
+    Importing vLLM for them takes 15 s of CPU on a small machine, in every driver and at every
+    refused config, so the names are kept in the user's cache (XDG_CACHE_HOME, else ~/.cache),
+    under a digest of the module that defines them (vllm/engine/arg_utils.py, found without
+    importing vLLM): another vLLM, or an edited one, gets its own entry."""
+    import hashlib
+    import importlib.util
+    import json
+
+    from data_manifests import atomic_write_text
+
+    spec = importlib.util.find_spec("vllm")
+    source = Path(next(iter(spec.submodule_search_locations or [])), "engine", "arg_utils.py") if spec else None
+    cache = None
+    if source is not None and source.is_file():
+        digest = hashlib.sha256(source.read_bytes()).hexdigest()[:20]
+        cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "holiclip" / \
+            f"vllm-engine-args-{digest}.json"
+        try:
+            return set(json.loads(cache.read_text()))
+        except (OSError, ValueError):
+            pass
     import dataclasses
 
     from vllm.engine.arg_utils import AsyncEngineArgs
 
-    return {f.name for f in dataclasses.fields(AsyncEngineArgs)}
+    names = {f.name for f in dataclasses.fields(AsyncEngineArgs)}
+    if cache is not None:
+        try:
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(cache, json.dumps(sorted(names)))
+        except OSError:  # a read-only home: checked the slow way next time too
+            pass
+    return names
 
 
 def parse_config(data: Any, source: str = "<config>", base_dir: Path | None = None,

@@ -115,6 +115,11 @@ class Slot:
     in_flight: int = 0
     node: str = "?"
     node_id: str | None = None
+    # When the replica was ready to work (the shard deadline counts from then, not while its
+    # engine starts); a replacement's `ready` call until it answers.
+    ready_at: float | None = None
+    ready_ref: Any = None
+    started_at: float = 0.0  # when this replica (or its latest replacement) was started
 
 
 class Pool:
@@ -145,27 +150,62 @@ class Pool:
     def start(self) -> None:
         self.slots = [Slot(self._new_actor(), i) for i in range(self.cfg.replicas)]
 
-    def wait_ready(self) -> None:
+    def wait_ready(self, started: float) -> None:
+        """Wait until `min_replicas` replicas are ready (default 1: work starts with the first
+        engine up, as with Ray Data's `concurrency=(min, max)`), waiting for every replica
+        together. Those still starting join when ready (`RayRun._watch_replicas`), or are given up
+        `start_timeout_s` after `started`. Fewer than `min_replicas` ready by then: the job stops,
+        naming what the rest lack."""
         import ray
 
-        for slot in self.slots:
-            for attempt in (1, 2):
+        name = self.cfg.name
+        pending = {slot.handle.ready.remote(): slot for slot in self.slots}
+        restarted: set[int] = set()
+        errors: dict[int, str] = {}  # replica -> why it will not start
+
+        def ready() -> int:
+            return sum(s.ready_at is not None for s in self.slots)
+
+        while pending and ready() < self.cfg.min_replicas <= ready() + len(pending):
+            left = started + self.cfg.start_timeout_s - time.monotonic()
+            if left <= 0:
+                break
+            done, _ = ray.wait(list(pending), num_returns=1, timeout=left)
+            for ref in done:
+                slot = pending.pop(ref)
                 try:
-                    slot.node, slot.node_id = ray.get(slot.handle.ready.remote())
-                    break
+                    slot.node, slot.node_id = ray.get(ref)
+                    slot.ready_at = time.monotonic()
                 except ray.exceptions.RayActorError as e:
                     # An error raised by the engine's set-up (bad model, bad engine argument) will
-                    # recur: stop. A worker process that died under it (killed, out of memory) may
-                    # not: try once more.
-                    if attempt == 2 or e.actor_init_failed:
-                        raise JobError(f"captioner {self.cfg.name!r}: the engine did not start: "
-                                       f"{_actor_cause(e)}") from None
-                    print(f"captioner {self.cfg.name!r}: the process of replica {slot.index} died while its engine "
+                    # recur: give the replica up. A worker process that died under it (killed, out
+                    # of memory) may not: try once more.
+                    if slot.index in restarted or e.actor_init_failed:
+                        errors[slot.index] = f"the engine did not start: {_actor_cause(e)}"
+                        continue
+                    print(f"captioner {name!r}: the process of replica {slot.index} died while its engine "
                           f"started ({_actor_cause(e)}); starting it again", flush=True)
+                    restarted.add(slot.index)
                     slot.handle = self._new_actor()
+                    pending[slot.handle.ready.remote()] = slot
                 except ray.exceptions.RayTaskError as e:  # started, but could not answer a first request
-                    raise JobError(f"captioner {self.cfg.name!r}: the engine started but failed a first request on a "
-                                   f"64x64 image: {_actor_cause(e)}") from None
+                    errors[slot.index] = (f"the engine started but failed a first request on a 64x64 image: "
+                                          f"{_actor_cause(e)}")
+        capacity = _capacity(self._options()) if pending else ""
+        if ready() < self.cfg.min_replicas:
+            for slot in pending.values():
+                ray.kill(slot.handle, no_restart=True)
+                errors[slot.index] = f"not ready within start_timeout_s ({self.cfg.start_timeout_s:g} s): {capacity}"
+            raise JobError(f"captioner {name!r}: {ready()} of {self.cfg.replicas} replicas started, fewer than "
+                           f"min_replicas ({self.cfg.min_replicas}); {_summary(errors)}")
+        for ref, slot in pending.items():  # still starting: watched by the driver's loop from now on
+            slot.ready_ref, slot.started_at = ref, started
+        self.slots = [s for s in self.slots if s.index not in errors]
+        if pending or errors:
+            waiting = (f"{len(pending)} still starting ({capacity}): they join when ready, or are given up "
+                       f"{self.cfg.start_timeout_s:g} s after the start (start_timeout_s)" if pending else "")
+            print(f"captioner {name!r}: going on with {ready()} of {self.cfg.replicas} replicas ready; "
+                  + "; ".join(x for x in (waiting, _summary(errors)) if x), flush=True)
 
     def replace(self, slot: Slot, reason: str) -> None:
         import ray
@@ -179,12 +219,35 @@ class Pool:
         ray.kill(slot.handle, no_restart=True)
         slot.handle = self._new_actor()
         slot.in_flight = 0
+        slot.ready_at, slot.ready_ref, slot.started_at = None, slot.handle.ready.remote(), time.monotonic()
         print(f"captioner {self.cfg.name!r}: replica {slot.index} on {slot.node} died ({reason}); "
               f"started a replacement ({self.replacements} so far)", flush=True)
 
     def free_slot(self) -> Slot | None:
-        candidates = [s for s in self.slots if s.in_flight < self.cfg.max_shards_in_flight]
+        # Only replicas ready to work: a replacement still starting (or never scheduled) gets no shard.
+        candidates = [s for s in self.slots if s.ready_at is not None and s.in_flight < self.cfg.max_shards_in_flight]
         return min(candidates, key=lambda s: s.in_flight) if candidates else None
+
+
+def _summary(errors: dict[int, str]) -> str:
+    """Why replicas did not start, one line (the same reason for all of them said once)."""
+    if not errors:
+        return ""
+    if len(set(errors.values())) == 1:
+        return f"{len(errors)} replica(s) not started: {next(iter(errors.values()))}"
+    return "; ".join(f"replica {i}: {why}" for i, why in sorted(errors.items()))
+
+
+def _capacity(options: dict[str, Any]) -> str:
+    """What one replica asks of Ray against what the cluster has, for a replica that never started."""
+    import ray
+
+    need = {"CPU": options.get("num_cpus") or 0, "GPU": options.get("num_gpus") or 0, **options.get("resources", {})}
+    total, free = ray.cluster_resources(), ray.available_resources()
+    asked = ", ".join(f"{k} {v:g}" for k, v in need.items() if v)
+    have = ", ".join(f"{k} {free.get(k, 0):g} free of {total.get(k, 0):g}" for k, v in need.items() if v)
+    return (f"each replica asks for {asked or 'nothing'}; the cluster has {have or 'no such resources'}; "
+            "or its engine is still loading: raise start_timeout_s")
 
 
 def _actor_cause(e: Exception) -> str:
@@ -202,6 +265,7 @@ class RayRun:
     def __init__(self, job: CaptionJob):
         self.job = job
         self.cfg = job.cfg
+        self.hung: list[tuple[Any, str]] = []  # replicas replaced for a hung engine, and why
 
     def run(self, plans: list[ShardPlan]) -> int:
         import ray
@@ -221,17 +285,19 @@ class RayRun:
             pool.start()
         writers = Writers(writer_cls)
         for pool in pools.values():
-            pool.wait_ready()
-            job.nodes.update(s.node for s in pool.slots)
-            for slot in pool.slots:  # started now, while nothing is timed or waiting for them
-                writers.on(slot.node_id)
+            pool.wait_ready(t_start)
+            for slot in pool.slots:
+                if slot.ready_at is not None:
+                    job.nodes.add(slot.node)
+                    writers.on(slot.node_id)  # started now, while nothing is timed or waiting for them
         print(f"engines ready in {time.monotonic() - t_start:.0f}s on nodes {', '.join(sorted(job.nodes))}", flush=True)
 
         bar = job.bar()
         waiting = collections.deque(plans)
         open_plans: dict[str, ShardPlan] = {}
         max_open = 2 * max(len(p.slots) * p.cfg.max_shards_in_flight for p in pools.values()) + 1
-        calls: dict[Any, tuple[Pool, Slot, Any, ShardPlan]] = {}  # figures ref -> (pool, slot, actor, shard)
+        # figures ref -> (pool, slot, actor, shard, when it was sent)
+        calls: dict[Any, tuple[Pool, Slot, Any, ShardPlan, float]] = {}
         writes: dict[Any, ShardPlan] = {}
         t_work = time.monotonic()
 
@@ -250,12 +316,14 @@ class RayRun:
                                                                         plan.work[pool.cfg.name])
                     slot.in_flight += 1
                     plan.results[pool.cfg.name] = res_ref
-                    calls[fig_ref] = (pool, slot, slot.handle, plan)
+                    calls[fig_ref] = (pool, slot, slot.handle, plan, time.monotonic())
                 if pool.queue and not pool.slots:
                     for name in list(pool.queue):
                         job.fail(open_plans.pop(name, None), f"every replica of {pool.cfg.name!r} died")
                     pool.queue.clear()
-            if not calls and not writes:
+            if not calls and not writes:  # waiting for a replacement to start
+                time.sleep(0.5)
+                self._watch_replicas(pools, calls)
                 continue
             ready, _ = ray.wait(list(calls) + list(writes), num_returns=1, timeout=2.0)
             for ref in ready:
@@ -265,23 +333,63 @@ class RayRun:
                     plan = writes.pop(ref)
                     open_plans.pop(plan.name, None)
                     self._write_done(ref, plan, bar)
+            self._watch_replicas(pools, calls)
         if bar:
             bar.close()
         return job.finish(time.monotonic() - t_work)
 
+    def _watch_replicas(self, pools: dict[str, Pool], calls) -> None:
+        """Replacements: ready, or given up after `start_timeout_s` (no room for them any more, a
+        lost node). Replicas that have held a shard for longer than `shard_timeout_s` since they
+        were ready: their engine is hung (nothing else ends such a wait), so they are replaced, and
+        their shards, failing with the killed actor, are retried elsewhere."""
+        import ray
+
+        now = time.monotonic()
+        for pool in pools.values():
+            for slot in list(pool.slots):
+                if slot.ready_ref is None:
+                    continue
+                if ray.wait([slot.ready_ref], timeout=0)[0]:
+                    ref, slot.ready_ref = slot.ready_ref, None
+                    try:
+                        slot.node, slot.node_id = ray.get(ref)  # a replacement may be on another node
+                        slot.ready_at = now
+                        self.job.nodes.add(slot.node)
+                    except ray.exceptions.RayError as e:  # it holds no shard yet: replace it, or give up
+                        pool.replace(slot, f"its replacement did not start: {_actor_cause(e)}")
+                elif now - slot.started_at > pool.cfg.start_timeout_s:
+                    capacity = _capacity(pool._options())
+                    ray.kill(slot.handle, no_restart=True)
+                    pool.slots.remove(slot)
+                    print(f"captioner {pool.cfg.name!r}: replica {slot.index} did not start within "
+                          f"start_timeout_s ({pool.cfg.start_timeout_s:g} s): {capacity}; going on with "
+                          f"{len(pool.slots)} replicas", flush=True)
+        for pool, slot, handle, plan, sent in list(calls.values()):
+            if slot.handle is not handle or slot not in pool.slots or slot.ready_at is None:
+                continue  # replaced already, or its engine still starting
+            waited = now - max(sent, slot.ready_at)
+            if waited > pool.cfg.shard_timeout_s:
+                reason = (f"shard {plan.name} unanswered for {waited:.0f} s, over shard_timeout_s "
+                          f"({pool.cfg.shard_timeout_s:g}): the engine is hung")
+                self.hung.append((handle, reason))
+                pool.replace(slot, reason)
+
     def _caption_done(self, ref, call, open_plans, writes, writers: Writers) -> None:
         import ray
 
-        pool, slot, handle, plan = call
+        pool, slot, handle, plan, _ = call
         name = pool.cfg.name
         if slot.handle is handle:
             slot.in_flight = max(0, slot.in_flight - 1)
         try:
             figures = ray.get(ref)
         except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as e:
+            hung = next((reason for h, reason in self.hung if h is handle), None)
             if slot in pool.slots and slot.handle is handle:  # not yet replaced by another failed call
                 pool.replace(slot, _actor_cause(e))
-            self._retry(plan, pool, f"replica died: {_actor_cause(e)}", open_plans)
+            self._retry(plan, pool, f"replica replaced: {hung}" if hung else f"replica died: {_actor_cause(e)}",
+                        open_plans)
             return
         except ray.exceptions.RayTaskError as e:
             self._retry(plan, pool, _actor_cause(e), open_plans)
