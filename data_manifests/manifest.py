@@ -393,6 +393,12 @@ class DatasetWriter:
         self._flusher.close()
         return self.manifest
 
+    def close(self) -> None:
+        """For a run that stops on an error: wait for a manifest write in progress, start none.
+        The records written so far are the truth (load_manifest reads them); `finish` is how a
+        run that got to its end writes the manifest."""
+        self._flusher.close(wait=True)
+
 
 def write_intent(root: str | os.PathLike, info: ShardInfo, stats: TextStats, *, failed_samples: int = 0,
                  extra: dict[str, Any] | None = None) -> None:
@@ -447,10 +453,15 @@ class _ManifestFlusher:
                 self._cond.wait_for(lambda: self._written >= mine or self._error is not None)
                 self._raise_error()
 
-    def close(self) -> None:
+    def close(self, wait: bool = False) -> None:
+        """Let the thread end once nothing is pending; `wait`: until it has (a write in progress
+        finishes and leaves no half-written file behind)."""
         with self._cond:
             self._closed = True
             self._cond.notify_all()
+            thread = self._thread
+        if wait and thread is not None:
+            thread.join()
 
     def _raise_error(self) -> None:
         if self._error is not None:

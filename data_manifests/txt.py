@@ -30,40 +30,44 @@ def set_txt_member(root: str | Path, text_id: str, *, progress: bool = False) ->
     except SampleFormatError as e:
         raise ManifestError(f"--text-id: {e}") from None
     writer = DatasetWriter(root, stage="txt", flush_every_s=30.0)
-    manifest = writer.manifest
-    known = sorted(set(manifest.texts) | set(manifest.text_stats.raw))
-    if text_id not in known:
-        raise ManifestError(f"{root / MANIFEST_NAME}: no text id {text_id!r} in this dataset; "
-                            f"it has {', '.join(known) or 'none'}")
-    names = [n for n, e in sorted(manifest.shards.items()) if e.status == COMPLETE]
-    todo = [n for n in names if not (manifest.shards[n].txt == text_id and writer.is_complete(n))]
-    without, refused = 0, 0
-    iterator = todo
-    if progress:
-        from tqdm import tqdm
+    try:
+        manifest = writer.manifest
+        known = sorted(set(manifest.texts) | set(manifest.text_stats.raw))
+        if text_id not in known:
+            raise ManifestError(f"{root / MANIFEST_NAME}: no text id {text_id!r} in this dataset; "
+                                f"it has {', '.join(known) or 'none'}")
+        names = [n for n, e in sorted(manifest.shards.items()) if e.status == COMPLETE]
+        todo = [n for n in names if not (manifest.shards[n].txt == text_id and writer.is_complete(n))]
+        without, refused = 0, 0
+        iterator = todo
+        if progress:
+            from tqdm import tqdm
 
-        iterator = tqdm(todo, unit="shard", desc=f"txt <- {text_id}")
-    for name in iterator:
-        old = manifest.shards[name]
-        reader = ShardReader(writer.shard_path(name))
-        stats = TextStats()
-        try:
-            with ShardWriter(writer.shard_path(name), txt=text_id) as shard:
-                for sample in reader:
-                    shard.write(sample)
-                    stats.add(sample)
-                    without += text_id not in sample.texts
-                info = shard.close()
-        except ShardReadError as e:
-            raise ManifestError(f"{root / name}: cannot be read ({e.reason}); nothing of it was changed; "
-                                f"check it with `holiclip-manifest verify {root}`") from None
-        except ShardWriteError as e:
-            raise ManifestError(f"{root / name}: {e}; the shard is unchanged, rerun the same command") from None
-        refused += sum(reader.refused.values())
-        extra = {**old.info, "txt_rewritten": now_iso()}
-        writer.commit(info, stats, failed_samples=old.failed_samples + sum(reader.refused.values()), extra=extra)
-    summary = {"text_id": text_id, "shards": len(names), "rewritten": len(todo), "skipped": len(names) - len(todo),
-               "samples_without_text": without, "samples_refused": refused, "updated": now_iso()}
-    manifest.run["txt"] = summary
+            iterator = tqdm(todo, unit="shard", desc=f"txt <- {text_id}")
+        for name in iterator:
+            old = manifest.shards[name]
+            reader = ShardReader(writer.shard_path(name))
+            stats = TextStats()
+            try:
+                with ShardWriter(writer.shard_path(name), txt=text_id) as shard:
+                    for sample in reader:
+                        shard.write(sample)
+                        stats.add(sample)
+                        without += text_id not in sample.texts
+                    info = shard.close()
+            except ShardReadError as e:
+                raise ManifestError(f"{root / name}: cannot be read ({e.reason}); nothing of it was changed; "
+                                    f"check it with `holiclip-manifest verify {root}`") from None
+            except ShardWriteError as e:
+                raise ManifestError(f"{root / name}: {e}; the shard is unchanged, rerun the same command") from None
+            refused += sum(reader.refused.values())
+            extra = {**old.info, "txt_rewritten": now_iso()}
+            writer.commit(info, stats, failed_samples=old.failed_samples + sum(reader.refused.values()), extra=extra)
+        summary = {"text_id": text_id, "shards": len(names), "rewritten": len(todo), "skipped": len(names) - len(todo),
+                   "samples_without_text": without, "samples_refused": refused, "updated": now_iso()}
+        manifest.run["txt"] = summary
+    except BaseException:
+        writer.close()  # no manifest write left running (or half-written) behind the error
+        raise
     writer.finish()
     return summary

@@ -176,6 +176,8 @@ class Pool:
                 try:
                     slot.node, slot.node_id = ray.get(ref)
                     slot.ready_at = time.monotonic()
+                    print(f"captioner {name!r}: replica {slot.index} ready on {slot.node} "
+                          f"({slot.ready_at - started:.0f} s)", flush=True)
                 except ray.exceptions.RayActorError as e:
                     # An error raised by the engine's set-up (bad model, bad engine argument) will
                     # recur: give the replica up. A worker process that died under it (killed, out
@@ -275,9 +277,6 @@ class RayRun:
         jobs = self.cfg.jobs()
         pools = {c.name: Pool(c, actor_cls, self.cfg.image_max_side) for c in self.cfg.captioners
                  if any(c.name in p.work for p in plans)}
-        if not plans:
-            print("nothing to do: every shard already has every text of this config", flush=True)
-            return job.finish(0.0)
         print(f"{len(plans)} shards to caption ({job.input_samples} images); starting "
               + ", ".join(f"{p.cfg.replicas} x {p.cfg.name}" for p in pools.values()), flush=True)
         t_start = time.monotonic()
@@ -332,7 +331,10 @@ class RayRun:
                 else:
                     plan = writes.pop(ref)
                     open_plans.pop(plan.name, None)
-                    self._write_done(ref, plan, bar)
+                    if self._write_done(ref, plan, bar):  # its texts were lost with a node: caption it again
+                        open_plans[plan.name] = plan
+                        for cap in plan.work:
+                            pools[cap].queue.append(plan.name)
             self._watch_replicas(pools, calls)
         if bar:
             bar.close()
@@ -356,6 +358,9 @@ class RayRun:
                         slot.node, slot.node_id = ray.get(ref)  # a replacement may be on another node
                         slot.ready_at = now
                         self.job.nodes.add(slot.node)
+                        print(f"captioner {pool.cfg.name!r}: replica {slot.index} ready on {slot.node} "
+                              f"({now - slot.started_at:.0f} s); {sum(s.ready_at is not None for s in pool.slots)} "
+                              "working", flush=True)
                     except ray.exceptions.RayError as e:  # it holds no shard yet: replace it, or give up
                         pool.replace(slot, f"its replacement did not start: {_actor_cause(e)}")
                 elif now - slot.started_at > pool.cfg.start_timeout_s:
@@ -414,22 +419,41 @@ class RayRun:
               flush=True)
         pool.queue.appendleft(plan.name)
 
-    def _write_done(self, ref, plan: ShardPlan, bar) -> None:
+    def _write_done(self, ref, plan: ShardPlan, bar) -> bool:
+        """Commit a written shard; True if its texts must be made again (lost with a node)."""
         import ray
 
         try:
             out = ray.get(ref)
+        except (ray.exceptions.ObjectLostError, ray.exceptions.OwnerDiedError, ray.exceptions.RayActorError,
+                ray.exceptions.WorkerCrashedError, ray.exceptions.NodeDiedError) as e:
+            # The writer, or a captioner's results it was to read, went with a node (or a killed
+            # worker): nothing of this shard was published. Make its texts again, elsewhere.
+            plan.attempts["write"] = plan.attempts.get("write", 0) + 1
+            if plan.attempts["write"] > self.cfg.shard_retries:
+                self.job.fail(plan, f"writing the output shard failed: {_actor_cause(e)} "
+                                    f"(after {plan.attempts['write']} attempts)")
+                return False
+            print(f"shard {plan.name}: its texts were lost before they were written ({_actor_cause(e)}); "
+                  f"captioning it again ({plan.attempts['write']}/{self.cfg.shard_retries})", flush=True)
+            plan.work = {cap: list(ids) for cap, ids in plan.planned.items()}
+            plan.results.clear()
+            return True
         except ray.exceptions.RayError as e:
             cause = getattr(e, "cause", None)
             full = isinstance(cause, ShardWriteError) and cause.errno == errno.ENOSPC
             self.job.fail(plan, f"writing the output shard failed: {_actor_cause(e)}", disk_full=full)
-            return
+            return False
         self.job.commit(plan, out, bar)
+        return False
 
 
 def run(job: CaptionJob, plans: list[ShardPlan], address: str | None) -> int:
     """Join (or start) Ray and run the planned shards; the exit status."""
     from pipeline.cluster import connect
 
+    if not plans:  # without starting Ray (seconds, for an embedded one) for nothing
+        print("nothing to do: every shard already has every text of this config", flush=True)
+        return job.finish(0.0)
     connect(address, embedded=True)
     return RayRun(job).run(plans)

@@ -25,6 +25,10 @@ class ShardPlan:
     attempts: dict[str, int] = field(default_factory=dict)
     results: dict[str, Any] = field(default_factory=dict)  # captioner -> ObjectRef of its ShardResult
     images: int = 0
+    planned: dict[str, list[str]] = field(default_factory=dict)  # `work` as planned (to redo it all)
+
+    def __post_init__(self) -> None:
+        self.planned = {cap: list(ids) for cap, ids in self.work.items()}
 
 
 def plan_job(cfg: CaptionConfig, provenance: dict[str, dict[str, Any]], writer: DatasetWriter,
