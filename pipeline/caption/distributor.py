@@ -193,6 +193,7 @@ class Pool:
                 except ray.exceptions.RayTaskError as e:  # started, but could not answer a first request
                     errors[slot.index] = (f"the engine started but failed a first request on a 64x64 image: "
                                           f"{_actor_cause(e)}")
+                    ray.kill(slot.handle, no_restart=True)  # it would hold its GPU until the job ends
         capacity = _capacity(self._options()) if pending else ""
         if ready() < self.cfg.min_replicas:
             for slot in pending.values():
@@ -426,7 +427,8 @@ class RayRun:
         try:
             out = ray.get(ref)
         except (ray.exceptions.ObjectLostError, ray.exceptions.OwnerDiedError, ray.exceptions.RayActorError,
-                ray.exceptions.WorkerCrashedError, ray.exceptions.NodeDiedError) as e:
+                ray.exceptions.ActorUnavailableError, ray.exceptions.WorkerCrashedError,
+                ray.exceptions.NodeDiedError) as e:
             # The writer, or a captioner's results it was to read, went with a node (or a killed
             # worker): nothing of this shard was published. Make its texts again, elsewhere.
             plan.attempts["write"] = plan.attempts.get("write", 0) + 1
