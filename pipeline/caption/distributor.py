@@ -115,8 +115,8 @@ class Slot:
     in_flight: int = 0
     node: str = "?"
     node_id: str | None = None
-    # When the replica was ready to work (the shard deadline counts from then, not while its
-    # engine starts); a replacement's `ready` call until it answers.
+    # When the replica was ready to work (shards go only to ready replicas); its `ready` call
+    # while it starts.
     ready_at: float | None = None
     ready_ref: Any = None
     started_at: float = 0.0  # when this replica (or its latest replacement) was started
@@ -372,9 +372,9 @@ class RayRun:
                           f"start_timeout_s ({pool.cfg.start_timeout_s:g} s): {capacity}; going on with "
                           f"{len(pool.slots)} replicas", flush=True)
         for pool, slot, handle, plan, sent in list(calls.values()):
-            if slot.handle is not handle or slot not in pool.slots or slot.ready_at is None:
-                continue  # replaced already, or its engine still starting
-            waited = now - max(sent, slot.ready_at)
+            if slot.handle is not handle or slot not in pool.slots:
+                continue  # replaced already
+            waited = now - sent  # sent only once the replica was ready: engine start-up not counted
             if waited > pool.cfg.shard_timeout_s:
                 reason = (f"shard {plan.name} unanswered for {waited:.0f} s, over shard_timeout_s "
                           f"({pool.cfg.shard_timeout_s:g}): the engine is hung")
