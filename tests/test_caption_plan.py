@@ -16,9 +16,9 @@ from caption_fixtures import captioner, make_image_dataset, write_config
 from conftest import ROOT
 
 from data_manifests import DatasetWriter, Sample
-from pipeline.caption.captioner import ShardResult
-from pipeline.caption.config import ConfigError, load_config, parse_config
-from pipeline.caption.plan import plan_job
+from pipeline.caption.captioner import Progress, ShardResult
+from pipeline.caption.config import ConfigError, TextJob, load_config, parse_config
+from pipeline.caption.plan import WHOLE, Part, plan_job
 from pipeline.caption.provenance import conflicts, model_content_hash, text_provenance
 from pipeline.caption.writer import merge_sample
 
@@ -184,6 +184,37 @@ def test_plan_resume_increment_and_overwrite(images, tmp_path, model_dir):
     assert conflicts({"detail": prov["detail"]}, prov3, overwrite=["detail"]) == []
     plans, _ = plan_job(cfg, prov3, writer, load_manifest(images))
     assert plans[0].name == "00000.tar" and plans[0].work == {"tiny": ["detail"]}
+
+
+def test_a_part_whose_engine_died_leaves_the_rest_and_one_part_per_suspect_image():
+    """The poison-image search: texts made are kept, images in the engine are tried alone, the
+    rest as before; an image alone that kills its engine gets the error. (End to end: test_caption.py
+    test_engine_faults_poison_image_and_hung_engine_cost_only_their_work_and_leave_no_engine_behind.)"""
+    rest, suspects = WHOLE.after_death(done=["a"], in_flight=["c", "b"])
+    assert rest == Part(skip=frozenset("abc")) and [p.only for p in suspects] == [{"b"}, {"c"}]
+    assert all(p.isolated for p in suspects) and not rest.isolated
+    assert [k for k in "abcd" if rest.wants(k)] == ["d"]
+    rest, suspects = rest.after_death(done=["d"], in_flight=[])
+    assert rest == Part(skip=frozenset("abcd")) and suspects == []  # a part reads its shard to its end
+    rest, suspects = Part(only=frozenset("xyz")).after_death(done=["x"], in_flight=["y"])
+    assert rest == Part(only=frozenset("z")) and not rest.isolated and [p.only for p in suspects] == [{"y"}]
+    assert Part(only=frozenset("z")).after_death(done=["z"], in_flight=[]) == (None, [])
+    # A replica that had read its whole part says exactly what is left: no call reads the shard for it.
+    assert WHOLE.after_death(done=["a"], in_flight=["b"], left=["c"])[0] == Part(only=frozenset("c"))
+    assert WHOLE.after_death(done=["a"], in_flight=["b"], left=[])[0] is None
+
+    jobs = [TextJob("detail", None, {}), TextJob("style", None, {})]
+    progress = Progress()
+    progress.result.texts["a"] = {"detail": "a cat", "style": "photo"}
+    progress.done.add("a")
+    progress.in_flight["b"] = jobs[:1]  # only its detail was to be made
+    figures, result = progress.died(WHOLE, "EngineDeadError")
+    assert (figures["done"], figures["in_flight"], figures["poison_images"]) == (["a"], ["b"], 0)
+    assert result.texts == {"a": {"detail": "a cat", "style": "photo"}} and not result.errors
+    assert figures["left"] is None  # its reader had not reached the shard's end
+    figures, result = progress.died(Part(only=frozenset("b"), isolated=True), "EngineDeadError")
+    assert (figures["poison_key"], figures["poison_images"], figures["in_flight"]) == ("b", 1, [])
+    assert list(result.errors["b"]) == ["detail"] and "alone" in result.errors["b"]["detail"]
 
 
 def test_merge_keeps_other_texts_and_replaces_errors():

@@ -23,14 +23,21 @@ from data_manifests import ShardWriteError
 # Imported with this module, before the driver joins Ray. Imported lazily after joining, a new module
 # of the package was once not found ("No module named pipeline.caption.backends") in the two-node
 # test, whose two nodes on one machine share one folder of unpacked working directories.
-from .captioner import ShardCaptioner
+from .captioner import Progress, ShardCaptioner
 from .config import CaptionerConfig, TextJob
 from .engine_guard import Reaper, exit_replica
 from .job import CaptionJob, JobError
-from .plan import ShardPlan
+from .plan import WHOLE, Part, ShardPlan
 from .writer import write_captioned_shard
 
 MAX_REPLACEMENTS_PER_REPLICA = 2
+# A replica whose engine died answers its shards (texts made so far, images in flight), then exits
+# this long after, unless the driver has replaced it already.
+EXIT_AFTER_DEATH_S = 10.0
+
+
+class EngineDied(Exception):
+    """The replica's engine is dead: every later request would fail."""
 
 
 def _remote_classes():
@@ -46,32 +53,45 @@ def _remote_classes():
             self.node = ray.util.get_node_ip_address()
             self.node_id = ray.get_runtime_context().get_node_id()
 
-        async def ready(self) -> tuple[str, str]:
-            await self._guarded(self.captioner.warm_up())
-            return self.node, self.node_id
-
         @ray.method(num_returns=2)
-        async def caption_shard(self, shard_path: str, jobs: list[TextJob], recompute: list[str]):
-            figures, result = await self._guarded(self.captioner.caption_shard(shard_path, jobs, recompute))
+        async def caption_shard(self, shard_path: str, jobs: list[TextJob], recompute: list[str], part: Part = WHOLE):
+            progress = Progress()
+            try:
+                figures, result = await self._guarded(
+                    self.captioner.caption_shard(shard_path, jobs, recompute, part, progress))
+            except EngineDied as e:
+                # Answer with what was made and which images were in the engine (the driver keeps
+                # the texts, tries those images alone, and replaces this replica), then leave, in
+                # case nobody does it for us (every later request would fail at once).
+                figures, result = progress.died(part, str(e))
+                asyncio.get_running_loop().call_later(EXIT_AFTER_DEATH_S, exit_replica, f"the engine died ({e})")
             figures["node"] = self.node
             return figures, result
 
         async def _guarded(self, work):
-            """Run `work`; if the engine dies meanwhile, leave, so that the driver replaces this
-            replica (every later request would fail at once). Checked every second as well as on
-            an error: a request that vLLM was still preparing when its engine died is never
-            answered (the error goes only to requests it had registered), so waiting for the
-            work alone can wait forever."""
+            """Run `work`; EngineDied if the engine dies meanwhile. Checked every second as well as
+            on an error: a request that vLLM was still preparing when its engine died is never
+            answered (the error goes only to requests it had registered), so waiting for the work
+            alone can wait forever."""
             task = asyncio.ensure_future(work)
             while not (await asyncio.wait({task}, timeout=1.0))[0]:
                 if self.captioner.backend.is_dead():
-                    exit_replica("the engine died (found while waiting for its answers)")
+                    task.cancel()  # stops the shard's reader and its requests
+                    await asyncio.wait({task}, timeout=5.0)
+                    raise EngineDied("found while waiting for its answers")
             try:
                 return task.result()
             except Exception as e:
                 if self.captioner.backend.is_dead():
-                    exit_replica(f"the engine died ({type(e).__name__}: {e})")
+                    raise EngineDied(f"{type(e).__name__}: {e}") from e
                 raise
+
+        async def ready(self) -> tuple[str, str]:
+            try:
+                await self._guarded(self.captioner.warm_up())
+            except EngineDied as e:
+                exit_replica(f"the engine died while starting ({e})")
+            return self.node, self.node_id
 
     class WriterActor:
         """Writes output shards on one node. Long-lived, so no Ray worker process is started per
@@ -120,6 +140,21 @@ class Slot:
     ready_at: float | None = None
     ready_ref: Any = None
     started_at: float = 0.0  # when this replica (or its latest replacement) was started
+    exclusive: bool = False  # holds a suspect image alone (Part.isolated): nothing else is sent to it
+    draining: bool = False  # gets no new shard, so that a suspect image can have it alone
+
+
+@dataclass
+class Call:
+    """One shard part sent to one replica."""
+
+    pool: Pool
+    slot: Slot
+    handle: Any  # the actor it went to (the slot may hold a replacement by the time it answers)
+    plan: ShardPlan
+    part: Part
+    result: Any  # ObjectRef of its ShardResult
+    sent: float
 
 
 class Pool:
@@ -129,7 +164,8 @@ class Pool:
         self.cfg = cfg
         self.actor_cls = actor_cls
         self.image_max_side = image_max_side
-        self.queue: collections.deque[str] = collections.deque()
+        self.queue: collections.deque[tuple[str, Part]] = collections.deque()  # (shard, part)
+        self.isolated: collections.deque[tuple[str, Part]] = collections.deque()  # suspect images, one each
         self.slots: list[Slot] = []
         self.replacements = 0
 
@@ -210,26 +246,45 @@ class Pool:
             print(f"captioner {name!r}: going on with {ready()} of {self.cfg.replicas} replicas ready; "
                   + "; ".join(x for x in (waiting, _summary(errors)) if x), flush=True)
 
-    def replace(self, slot: Slot, reason: str) -> None:
+    def replace(self, slot: Slot, reason: str, counted: bool = True) -> None:
+        """Kill the replica and start another in its place; `counted` against the pool's
+        replacements (not for a death the poison image found explains)."""
         import ray
 
-        if self.replacements >= MAX_REPLACEMENTS_PER_REPLICA * self.cfg.replicas:
+        if counted and self.replacements >= MAX_REPLACEMENTS_PER_REPLICA * self.cfg.replicas:
             self.slots.remove(slot)
             print(f"captioner {self.cfg.name!r}: replica {slot.index} on {slot.node} died ({reason}); "
                   "no replacements left", flush=True)
             return
-        self.replacements += 1
+        self.replacements += counted
         ray.kill(slot.handle, no_restart=True)
         slot.handle = self._new_actor()
-        slot.in_flight = 0
+        slot.in_flight, slot.exclusive, slot.draining = 0, False, False
         slot.ready_at, slot.ready_ref, slot.started_at = None, slot.handle.ready.remote(), time.monotonic()
+        counts = f"{self.replacements} so far" if counted else "not counted: a poison image explains the death"
         print(f"captioner {self.cfg.name!r}: replica {slot.index} on {slot.node} died ({reason}); "
-              f"started a replacement ({self.replacements} so far)", flush=True)
+              f"started a replacement ({counts})", flush=True)
 
     def free_slot(self) -> Slot | None:
         # Only replicas ready to work: a replacement still starting (or never scheduled) gets no shard.
-        candidates = [s for s in self.slots if s.ready_at is not None and s.in_flight < self.cfg.max_shards_in_flight]
+        candidates = [s for s in self.slots if s.ready_at is not None and not (s.exclusive or s.draining)
+                      and s.in_flight < self.cfg.max_shards_in_flight]
         return min(candidates, key=lambda s: s.in_flight) if candidates else None
+
+    def idle_slot(self) -> Slot | None:
+        """A ready replica with nothing in flight, for a suspect image to have alone. If none is,
+        the least busy one stops taking shards until it is (unless one does so already)."""
+        if not self.isolated:
+            for s in self.slots:
+                s.draining = False
+            return None
+        ready = [s for s in self.slots if s.ready_at is not None and not s.exclusive]
+        idle = next((s for s in ready if s.in_flight == 0), None)
+        if idle is None and ready and not any(s.draining for s in ready):
+            min(ready, key=lambda s: s.in_flight).draining = True
+        if idle is not None:
+            idle.draining = False
+        return idle
 
 
 def _summary(errors: dict[int, str]) -> str:
@@ -269,6 +324,7 @@ class RayRun:
         self.job = job
         self.cfg = job.cfg
         self.hung: list[tuple[Any, str]] = []  # replicas replaced for a hung engine, and why
+        self.watched = 0.0  # when _watch_replicas last looked
 
     def run(self, plans: list[ShardPlan]) -> int:
         import ray
@@ -296,8 +352,7 @@ class RayRun:
         waiting = collections.deque(plans)
         open_plans: dict[str, ShardPlan] = {}
         max_open = 2 * max(len(p.slots) * p.cfg.max_shards_in_flight for p in pools.values()) + 1
-        # figures ref -> (pool, slot, actor, shard, when it was sent)
-        calls: dict[Any, tuple[Pool, Slot, Any, ShardPlan, float]] = {}
+        calls: dict[Any, Call] = {}  # figures ref -> the call
         writes: dict[Any, ShardPlan] = {}
         t_work = time.monotonic()
 
@@ -305,22 +360,24 @@ class RayRun:
             while waiting and len(open_plans) < max_open:
                 plan = waiting.popleft()
                 open_plans[plan.name] = plan
-                for cap in plan.work:
-                    pools[cap].queue.append(plan.name)
+                _enqueue(plan, pools)
             for pool in pools.values():
-                while pool.queue and (slot := pool.free_slot()) is not None:
-                    plan = open_plans.get(pool.queue.popleft())
-                    if plan is None:  # failed meanwhile
-                        continue
-                    fig_ref, res_ref = slot.handle.caption_shard.remote(plan.source, jobs[pool.cfg.name],
-                                                                        plan.work[pool.cfg.name])
-                    slot.in_flight += 1
-                    plan.results[pool.cfg.name] = res_ref
-                    calls[fig_ref] = (pool, slot, slot.handle, plan, time.monotonic())
-                if pool.queue and not pool.slots:
-                    for name in list(pool.queue):
+                for queue, free in ((pool.isolated, pool.idle_slot), (pool.queue, pool.free_slot)):
+                    while queue and (slot := free()) is not None:
+                        name, part = queue.popleft()
+                        plan = open_plans.get(name)
+                        if plan is None:  # failed meanwhile
+                            continue
+                        fig_ref, res_ref = slot.handle.caption_shard.remote(plan.source, jobs[pool.cfg.name],
+                                                                            plan.work[pool.cfg.name], part)
+                        slot.in_flight += 1
+                        slot.exclusive = part.isolated
+                        calls[fig_ref] = Call(pool, slot, slot.handle, plan, part, res_ref, time.monotonic())
+                if (pool.queue or pool.isolated) and not pool.slots:
+                    for name, _ in [*pool.queue, *pool.isolated]:
                         job.fail(open_plans.pop(name, None), f"every replica of {pool.cfg.name!r} died")
                     pool.queue.clear()
+                    pool.isolated.clear()
             if not calls and not writes:  # waiting for a replacement to start
                 time.sleep(0.5)
                 self._watch_replicas(pools, calls)
@@ -334,8 +391,7 @@ class RayRun:
                     open_plans.pop(plan.name, None)
                     if self._write_done(ref, plan, bar):  # its texts were lost with a node: caption it again
                         open_plans[plan.name] = plan
-                        for cap in plan.work:
-                            pools[cap].queue.append(plan.name)
+                        _enqueue(plan, pools)
             self._watch_replicas(pools, calls)
         if bar:
             bar.close()
@@ -349,6 +405,9 @@ class RayRun:
         import ray
 
         now = time.monotonic()
+        if now - self.watched < 1.0:  # a pass costs one step per replica and call: at most once a second
+            return
+        self.watched = now
         for pool in pools.values():
             for slot in list(pool.slots):
                 if slot.ready_ref is None:
@@ -371,46 +430,88 @@ class RayRun:
                     print(f"captioner {pool.cfg.name!r}: replica {slot.index} did not start within "
                           f"start_timeout_s ({pool.cfg.start_timeout_s:g} s): {capacity}; going on with "
                           f"{len(pool.slots)} replicas", flush=True)
-        for pool, slot, handle, plan, sent in list(calls.values()):
-            if slot.handle is not handle or slot not in pool.slots:
+        for call in list(calls.values()):
+            pool, slot = call.pool, call.slot
+            if slot.handle is not call.handle or slot not in pool.slots:
                 continue  # replaced already
-            waited = now - sent  # sent only once the replica was ready: engine start-up not counted
+            waited = now - call.sent  # sent only once the replica was ready: engine start-up not counted
             if waited > pool.cfg.shard_timeout_s:
-                reason = (f"shard {plan.name} unanswered for {waited:.0f} s, over shard_timeout_s "
+                reason = (f"shard {call.plan.name} unanswered for {waited:.0f} s, over shard_timeout_s "
                           f"({pool.cfg.shard_timeout_s:g}): the engine is hung")
-                self.hung.append((handle, reason))
+                self.hung.append((call.handle, reason))
                 pool.replace(slot, reason)
 
-    def _caption_done(self, ref, call, open_plans, writes, writers: Writers) -> None:
+    def _caption_done(self, ref, call: Call, open_plans, writes, writers: Writers) -> None:
         import ray
 
-        pool, slot, handle, plan, _ = call
+        pool, slot, handle, plan, part = call.pool, call.slot, call.handle, call.plan, call.part
         name = pool.cfg.name
         if slot.handle is handle:
             slot.in_flight = max(0, slot.in_flight - 1)
+            slot.exclusive = slot.exclusive and not part.isolated
         try:
             figures = ray.get(ref)
         except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as e:
             hung = next((reason for h, reason in self.hung if h is handle), None)
             if slot in pool.slots and slot.handle is handle:  # not yet replaced by another failed call
                 pool.replace(slot, _actor_cause(e))
-            self._retry(plan, pool, f"replica replaced: {hung}" if hung else f"replica died: {_actor_cause(e)}",
+            self._retry(plan, pool, part, f"replica replaced: {hung}" if hung else f"replica died: {_actor_cause(e)}",
                         open_plans)
             return
         except ray.exceptions.RayTaskError as e:
-            self._retry(plan, pool, _actor_cause(e), open_plans)
+            self._retry(plan, pool, part, _actor_cause(e), open_plans)
             return
         if plan.name not in open_plans:  # the shard failed on another captioner meanwhile
             return
-        self.job.record_captions(plan, figures)
-        del plan.work[name]
-        if not plan.work:
+        died = figures.pop("engine_died", None)
+        done, in_flight, left = figures.pop("done", []), figures.pop("in_flight", []), figures.pop("left", None)
+        poison = figures.pop("poison_key", None)
+        self.job.record_captions(plan, name, figures)
+        plan.results[name].append(call.result)  # what it made, all of it or up to its engine's death
+        plan.open_parts[name] -= 1
+        if died is not None:
+            self._engine_died(pool, slot, handle, plan, part, died, (done, in_flight, left), poison, open_plans)
+        if plan.open_parts[name] == 0:
+            del plan.work[name]
+        if plan.name in open_plans and not plan.work:
             output = str(self.job.writer.shard_path(plan.name))
+            refs = [r for results in plan.results.values() for r in results]
             # Written on the node that made the last texts, where its results already are.
             writes[writers.on(slot.node_id).write.remote(plan.source, output, plan.identities, self.job.writer.txt,
-                                                         *plan.results.values())] = plan
+                                                         *refs)] = plan
 
-    def _retry(self, plan: ShardPlan, pool: Pool, reason: str, open_plans) -> None:
+    def _engine_died(self, pool: Pool, slot: Slot, handle, plan: ShardPlan, part: Part, reason: str,
+                     progress: tuple[list[str], list[str], list[str] | None], poison: str | None,
+                     open_plans) -> None:
+        """A part answered that its engine died: replace the replica; keep the texts it made; try
+        the images that were in the engine alone, and the rest of the part as before. An image that
+        kills its engine alone has its error already (captioner.Progress.died)."""
+        name = pool.cfg.name
+        if poison is not None:
+            self.job.poison.append(f"{plan.name}/{poison}")
+            print(f"shard {plan.name}: sample {poison} killed {name}'s engine twice, the second time alone: "
+                  "left without its texts (a per-sample error); the rest of the shard is captioned", flush=True)
+            # Both deaths are explained: neither counts against the replacements.
+            pool.replacements = max(0, pool.replacements - 1)
+        if slot in pool.slots and slot.handle is handle:
+            pool.replace(slot, f"its engine died: {reason}", counted=poison is None)
+        if poison is not None:
+            return
+        done, in_flight, left = progress
+        if not done and not in_flight:  # it died before this part got anywhere: try it again
+            plan.open_parts[name] += 1
+            self._retry(plan, pool, part, f"the engine died: {reason}", open_plans)
+            return
+        rest, suspects = part.after_death(done, in_flight, left)
+        if rest is not None:
+            pool.queue.appendleft((plan.name, rest))
+        pool.isolated.extend((plan.name, p) for p in suspects)
+        plan.open_parts[name] += (rest is not None) + len(suspects)
+        print(f"shard {plan.name}: {name}'s engine died ({reason}) with {len(in_flight)} images in it; "
+              f"{len(done)} images' texts kept, the {len(in_flight)} tried again one at a time, the rest as before",
+              flush=True)
+
+    def _retry(self, plan: ShardPlan, pool: Pool, part: Part, reason: str, open_plans) -> None:
         name = pool.cfg.name
         plan.attempts[name] = plan.attempts.get(name, 0) + 1
         if plan.attempts[name] > self.cfg.shard_retries:
@@ -418,7 +519,10 @@ class RayRun:
             return
         print(f"shard {plan.name}: {name} failed ({reason}); retrying ({plan.attempts[name]}/{self.cfg.shard_retries})",
               flush=True)
-        pool.queue.appendleft(plan.name)
+        if part.isolated:
+            pool.isolated.appendleft((plan.name, part))
+        else:
+            pool.queue.appendleft((plan.name, part))
 
     def _write_done(self, ref, plan: ShardPlan, bar) -> bool:
         """Commit a written shard; True if its texts must be made again (lost with a node)."""
@@ -439,7 +543,6 @@ class RayRun:
             print(f"shard {plan.name}: its texts were lost before they were written ({_actor_cause(e)}); "
                   f"captioning it again ({plan.attempts['write']}/{self.cfg.shard_retries})", flush=True)
             plan.work = {cap: list(ids) for cap, ids in plan.planned.items()}
-            plan.results.clear()
             return True
         except ray.exceptions.RayError as e:
             cause = getattr(e, "cause", None)
@@ -448,6 +551,15 @@ class RayRun:
             return False
         self.job.commit(plan, out, bar)
         return False
+
+
+def _enqueue(plan: ShardPlan, pools: dict[str, Pool]) -> None:
+    """Queue the whole shard for each captioner it needs, forgetting earlier results."""
+    plan.results = {cap: [] for cap in plan.work}
+    plan.open_parts = {cap: 1 for cap in plan.work}
+    plan.images = {}
+    for cap in plan.work:
+        pools[cap].queue.append((plan.name, WHOLE))
 
 
 def run(job: CaptionJob, plans: list[ShardPlan], address: str | None) -> int:

@@ -44,6 +44,7 @@ class CaptionJob:
         self.failed: dict[str, str] = {}
         self.disk_full = False
         self.nodes: set[str] = set()
+        self.poison: list[str] = []  # "shard/key" of the images that killed an engine twice
         self.input_samples = 0
 
     def prepare(self) -> list[ShardPlan]:
@@ -94,18 +95,18 @@ class CaptionJob:
         return plans
 
     # --- while it runs ------------------------------------------------------------------------
-    def record_captions(self, plan: ShardPlan, figures: dict[str, Any]) -> None:
-        """One captioner's figures for one shard."""
+    def record_captions(self, plan: ShardPlan, captioner: str, figures: dict[str, Any]) -> None:
+        """One captioner's figures for one shard (or one part of it)."""
         self.nodes.add(figures.pop("node", "?"))
         self.figures.update({k: v for k, v in figures.items() if isinstance(v, (int, float))})
-        plan.images = max(plan.images, figures["images"] + figures["decode_errors"])
+        plan.images[captioner] = plan.images.get(captioner, 0) + figures["images"] + figures["decode_errors"]
 
     def commit(self, plan: ShardPlan, out: dict[str, Any], bar) -> None:
         """A written output shard (what writer.write_captioned_shard returned) into the books."""
         self.writer.commit(ShardInfo(**out["info"]), TextStats(out["stats"]),
                            failed_samples=sum(out["refused"].values()), extra=record_extra(out, plan.identities))
         if bar:
-            bar.update(plan.images or out["info"]["samples"])
+            bar.update(max(plan.images.values(), default=0) or out["info"]["samples"])
             self._postfix(bar)
 
     def fail(self, plan: ShardPlan | None, reason: str, disk_full: bool = False) -> None:
@@ -139,12 +140,17 @@ class CaptionJob:
             "generated_tokens_per_s": round(f["generated_tokens"] / seconds, 1) if seconds else None,
             "prefix_cache_hit_rate": round(f["cached_tokens"] / f["prompt_tokens"], 4) if f["prompt_tokens"] else None,
             "decode_errors": f["decode_errors"], "caption_errors": f["caption_errors"],
+            "poison_images": f["poison_images"], "poison_samples": self.poison[:100],
             "nodes": sorted(self.nodes),
         }
         summary = (f"{figures['images']} images, {figures['captions']} captions in {seconds:.1f}s: "
                    f"{figures['images_per_s']} images/s, {figures['captions_per_s']} captions/s, "
                    f"{figures['generated_tokens_per_s']} generated tokens/s, prefix-cache hit rate "
                    f"{figures['prefix_cache_hit_rate']}")
+        if f["poison_images"]:
+            named = ", ".join(self.poison[:5]) + (" ..." if len(self.poison) > 5 else "")
+            summary += (f"; {f['poison_images']} images killed the engine and were left without texts "
+                        f"(a per-sample error each: {named})")
         if not (f["images"] or f["decode_errors"] or self.failed):
             # Nothing was captioned (a finished job resubmitted, or no engine started): keep the
             # figures of the runs that did the work.

@@ -16,6 +16,40 @@ from data_manifests import COMPLETE, DatasetWriter
 from .config import CaptionConfig
 
 
+@dataclass(frozen=True)
+class Part:
+    """Which samples of a shard one call captions: every sample but `skip`, or only `only`.
+
+    A shard is one part until an engine dies while captioning it. Then the texts made before the
+    death are kept, the images that were in the engine at that moment (the suspects) are tried
+    again one at a time, each alone on its replica (`isolated`), and the rest of the shard is one
+    more part. A suspect whose engine dies again, alone, is the poison: it gets a per-sample error.
+    """
+
+    skip: frozenset[str] = frozenset()
+    only: frozenset[str] | None = None
+    isolated: bool = False  # one suspect image, on a replica given nothing else while it works
+
+    def wants(self, key: str) -> bool:
+        return key in self.only if self.only is not None else key not in self.skip
+
+    def after_death(self, done: list[str], in_flight: list[str],
+                    left: list[str] | None = None) -> tuple[Part | None, list[Part]]:
+        """What is left of this part once its engine died: the rest (None if nothing), and a part
+        per suspect image. `left`: the rest exactly, when the replica had read the whole part."""
+        gone = set(done) | set(in_flight)
+        if left is not None:
+            rest: Part | None = Part(only=frozenset(left)) if left else None
+        elif self.only is None:
+            rest = Part(skip=self.skip | gone)
+        else:
+            rest = Part(only=self.only - gone) if self.only - gone else None
+        return rest, [Part(only=frozenset([k]), isolated=True) for k in sorted(in_flight)]
+
+
+WHOLE = Part()
+
+
 @dataclass
 class ShardPlan:
     name: str
@@ -23,8 +57,10 @@ class ShardPlan:
     work: dict[str, list[str]]  # captioner -> text ids to recompute for every sample (others: if missing)
     identities: dict[str, str]  # text id -> identity the output shard will hold
     attempts: dict[str, int] = field(default_factory=dict)
-    results: dict[str, Any] = field(default_factory=dict)  # captioner -> ObjectRef of its ShardResult
-    images: int = 0
+    # captioner -> ObjectRefs of its ShardResults (one per part of the shard it captioned)
+    results: dict[str, list[Any]] = field(default_factory=dict)
+    open_parts: dict[str, int] = field(default_factory=dict)  # captioner -> parts queued or in flight
+    images: dict[str, int] = field(default_factory=dict)  # captioner -> images it went through
     planned: dict[str, list[str]] = field(default_factory=dict)  # `work` as planned (to redo it all)
 
     def __post_init__(self) -> None:
