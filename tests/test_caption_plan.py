@@ -217,6 +217,33 @@ def test_a_part_whose_engine_died_leaves_the_rest_and_one_part_per_suspect_image
     assert list(result.errors["b"]) == ["detail"] and "alone" in result.errors["b"]["detail"]
 
 
+def test_a_suspect_image_waits_for_a_replica_of_its_own_and_one_replica_is_emptied_for_it(images, tmp_path,
+                                                                                          model_dir):
+    """The driver's dispatch rule for suspect images (no Ray: the pool's bookkeeping alone)."""
+    from pipeline.caption.distributor import Pool, Slot
+
+    cfg = parse_config(base(images, tmp_path, model_dir, replicas=3, max_shards_in_flight=4)).captioners[0]
+    pool = Pool(cfg, actor_cls=None, image_max_side=448)
+    pool.slots = [Slot(None, i, in_flight=n, ready_at=0.0) for i, n in enumerate((2, 1, 3))]
+    pool.slots.append(Slot(None, 3))  # still starting: never chosen
+    pool.make_room()
+    assert not any(s.draining for s in pool.slots)  # nothing waits: every replica takes shards
+    pool.isolated.append(("00000.tar", Part(only=frozenset("b"), isolated=True)))
+    assert pool.idle_slot() is None
+    pool.make_room()
+    assert [s.draining for s in pool.slots] == [False, True, False, False]  # the least busy is emptied
+    assert pool.free_slot() is pool.slots[0]  # and gets no new shard meanwhile
+    pool.make_room()
+    assert [s.draining for s in pool.slots] == [False, True, False, False]  # one at a time
+    pool.slots[1].in_flight = 0
+    assert pool.idle_slot() is pool.slots[1]
+    pool.slots[1].exclusive, pool.slots[1].in_flight = True, 1  # sent the suspect: it holds it alone
+    pool.isolated.clear()
+    pool.make_room()
+    assert not any(s.draining for s in pool.slots)
+    assert pool.free_slot() is pool.slots[0] and pool.idle_slot() is None
+
+
 def test_merge_keeps_other_texts_and_replaces_errors():
     s = Sample("k", b"x", "jpg", texts={"raw": "r", "detail": "old"}, flags={"detail": ["truncated"]},
                errors={"style": "image could not be decoded"})

@@ -16,6 +16,8 @@ import dataclasses
 import itertools
 import os
 import random
+import re
+import sys
 import uuid
 import warnings
 from dataclasses import dataclass
@@ -66,6 +68,56 @@ def _model_in_engine_process(engine: dict) -> None:
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 
 
+class EngineStartError(RuntimeError):
+    """vLLM's engine process failed to start; the message carries its own error."""
+
+
+# An exception line inside a vLLM log record: "... ERROR 12-03 14:52:19 [file.py:953] pkg.SomeError: why".
+_LOGGED_EXCEPTION = re.compile(r" ERROR .*?\] ([A-Za-z_][\w.]*(?:Error|Exception|Exit)\w*): (.+)$")
+
+
+class _EngineLog:
+    """This process's stdout and stderr, where vLLM's engine processes (which inherit them) log why
+    they failed (vLLM logs to stdout).
+
+    With the engine in a child process (on every GPU), vLLM raises only "Engine core initialization
+    failed. See root cause above": the cause is in the log, which under Ray is the actor's log
+    files, not in the error the driver gets. Read back from where the files stood when the engine
+    was started, bounded; nothing where they are not files."""
+
+    LIMIT = 512 * 1024
+
+    def __init__(self):
+        self.files: dict[str, int] = {}  # path -> size when the engine was started
+        for fd in (1, 2):
+            try:
+                path = os.readlink(f"/proc/self/fd/{fd}")
+                if os.path.isfile(path):
+                    self.files.setdefault(path, os.path.getsize(path))
+            except OSError:
+                continue
+
+    def engine_error(self) -> str | None:
+        """The first exception vLLM logged since, skipping its wrappers that point elsewhere
+        ("see stack trace for root cause"): e.g. "SafetensorError: Error while deserializing header"."""
+        sys.stdout.flush()
+        sys.stderr.flush()
+        found = []
+        for path, start in self.files.items():
+            try:
+                with open(path, "rb") as f:
+                    f.seek(max(start, os.path.getsize(path) - self.LIMIT))
+                    text = f.read().decode("utf-8", "replace")
+            except OSError:
+                continue
+            found += [m for m in map(_LOGGED_EXCEPTION.search, text.splitlines()) if m]
+        real = [m for m in found if "root cause" not in m.group(2)] or found
+        if not real:
+            return None
+        name, why = real[0].groups()
+        return f"{name.rsplit('.', 1)[-1]}: {why.strip()}"[:500]
+
+
 class VLLMBackend:
     """A vLLM AsyncLLM engine; continuous batching across every request of every shard in flight."""
 
@@ -85,8 +137,15 @@ class VLLMBackend:
         engine.setdefault("disable_log_stats", True)
         # This is an offline batch job: take vLLM's defaults for one (`LLM`'s: a larger token budget
         # per step, e.g. 4096 instead of 2048 on a CPU), not those of an online server.
-        self.engine = AsyncLLM.from_engine_args(AsyncEngineArgs(model=cfg.model, revision=cfg.revision, **engine),
-                                                usage_context=UsageContext.LLM_CLASS)
+        log = _EngineLog()
+        try:
+            self.engine = AsyncLLM.from_engine_args(AsyncEngineArgs(model=cfg.model, revision=cfg.revision, **engine),
+                                                    usage_context=UsageContext.LLM_CLASS)
+        except RuntimeError as e:
+            cause = log.engine_error() if "root cause above" in str(e) else None
+            if cause is None:
+                raise
+            raise EngineStartError(f"the engine process failed to start: {cause}") from e
         # The model's own chat template places the image placeholder(s) the way it was trained.
         self.processor = AutoProcessor.from_pretrained(cfg.model, revision=cfg.revision)
         try:  # the engine's own tokenizer (engine settings may name another than the model's)

@@ -29,6 +29,7 @@ from data_manifests import ShardReader, quality_flags
 
 from .backends import BACKENDS, RequestRejected
 from .config import CaptionerConfig, TextJob
+from .engine_guard import kill_children
 from .images import ImageDecodeError, decode
 from .plan import WHOLE, Part
 
@@ -51,15 +52,9 @@ def _hang_now(path: str | None) -> bool:
 
 
 def _kill_engine() -> None:
-    """The poison test hook: SIGKILL this replica's engine process (vLLM's EngineCore)."""
-    import psutil
-
-    for p in psutil.Process().children(recursive=True):
-        try:
-            if "EngineCore" in p.name():
-                p.kill()
-        except psutil.Error:
-            pass
+    """The poison test hook: SIGKILL this replica's engine process (vLLM's EngineCore), as a crash
+    would, leaving its reaping to vLLM."""
+    kill_children("EngineCore", wait=False)
 
 
 @dataclass

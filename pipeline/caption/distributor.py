@@ -272,19 +272,18 @@ class Pool:
         return min(candidates, key=lambda s: s.in_flight) if candidates else None
 
     def idle_slot(self) -> Slot | None:
-        """A ready replica with nothing in flight, for a suspect image to have alone. If none is,
-        the least busy one stops taking shards until it is (unless one does so already)."""
-        if not self.isolated:
+        """A ready replica with nothing in flight, for a suspect image to have alone."""
+        return next((s for s in self.slots if s.ready_at is not None and not s.exclusive and s.in_flight == 0), None)
+
+    def make_room(self) -> None:
+        """While suspect images wait and no replica is idle, the least busy one takes no more
+        shards until it is (one replica at a time); with none waiting, every replica takes shards."""
+        ready = [s for s in self.slots if s.ready_at is not None and not s.exclusive]
+        if not self.isolated or any(s.in_flight == 0 for s in ready):
             for s in self.slots:
                 s.draining = False
-            return None
-        ready = [s for s in self.slots if s.ready_at is not None and not s.exclusive]
-        idle = next((s for s in ready if s.in_flight == 0), None)
-        if idle is None and ready and not any(s.draining for s in ready):
+        elif ready and not any(s.draining for s in ready):
             min(ready, key=lambda s: s.in_flight).draining = True
-        if idle is not None:
-            idle.draining = False
-        return idle
 
 
 def _summary(errors: dict[int, str]) -> str:
@@ -362,6 +361,7 @@ class RayRun:
                 open_plans[plan.name] = plan
                 _enqueue(plan, pools)
             for pool in pools.values():
+                # Suspect images first, each to an idle replica; then shards to the free ones.
                 for queue, free in ((pool.isolated, pool.idle_slot), (pool.queue, pool.free_slot)):
                     while queue and (slot := free()) is not None:
                         name, part = queue.popleft()
@@ -373,6 +373,8 @@ class RayRun:
                         slot.in_flight += 1
                         slot.exclusive = part.isolated
                         calls[fig_ref] = Call(pool, slot, slot.handle, plan, part, res_ref, time.monotonic())
+                    if queue is pool.isolated:
+                        pool.make_room()
                 if (pool.queue or pool.isolated) and not pool.slots:
                     for name, _ in [*pool.queue, *pool.isolated]:
                         job.fail(open_plans.pop(name, None), f"every replica of {pool.cfg.name!r} died")

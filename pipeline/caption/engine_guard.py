@@ -54,19 +54,24 @@ class Reaper:
         os.environ[TOKEN_VAR] = self.token  # inherited by the engine's processes, not by the reaper
 
 
-def kill_children() -> int:
-    """Kill every process this one started (an engine that died half-way, or hangs); how many."""
+def kill_children(name: str | None = None, wait: bool = True) -> int:
+    """Kill every process this one started (an engine that died half-way, or hangs), or only those
+    whose process name holds `name`; how many."""
     try:
         procs = psutil.Process().children(recursive=True)
     except psutil.Error:
         procs = []
+    killed = []
     for p in procs:
         try:
-            p.kill()
+            if name is None or name in p.name():
+                p.kill()
+                killed.append(p)
         except psutil.Error:
             pass
-    psutil.wait_procs(procs, timeout=10)
-    return len(procs)
+    if wait:
+        psutil.wait_procs(killed, timeout=10)
+    return len(killed)
 
 
 def exit_replica(reason: str) -> None:
