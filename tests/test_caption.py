@@ -85,7 +85,7 @@ def test_uni_vlm_two_prompts_via_ray_job_submit(reference, images, models):
     assert prov["prompt"]["set_hash"].startswith("sha256:") and prov["software"]["vllm"]
     assert m.texts["raw"]["kind"] == "alt_text"
     run = m.run["caption"]["runs"][-1]
-    assert run["images"] == 28 and run["captions"] == 56 and run["decode_errors"] == 2
+    assert run["images"] == 28 and run["image_passes"] == 28 and run["captions"] == 56 and run["decode_errors"] == 2
     # Both prompts of an image went to the engine together: the second reuses the image's KV.
     assert run["prefix_cache_hit_rate"] > 0
     assert "images/s" in reference["log"] and "prefix-cache hit rate" in reference["log"]
@@ -409,7 +409,10 @@ def test_a_lost_node_costs_only_its_work(two_node_ray_cluster, reference, models
     assert verify(tmp_path / "out").returncode == 0
     assert read_texts(tmp_path / "out") == reference["texts"]  # every sample once, the one-node texts
     # Both nodes worked: the second before it was lost.
-    assert set(load_manifest(tmp_path / "out").run["caption"]["runs"][-1]["nodes"]) == {"127.0.0.2", "127.0.0.3"}
+    run = load_manifest(tmp_path / "out").run["caption"]["runs"][-1]
+    assert set(run["nodes"]) == {"127.0.0.2", "127.0.0.3"}
+    # The run's images are the dataset's, once each; work made again is counted apart.
+    assert run["images"] == 28 and run["image_passes"] >= 28, run
 
 
 @pytest.fixture

@@ -41,6 +41,7 @@ class CaptionJob:
         self.progress = progress
         self.holder = holder  # who this job is, for the output's lock (a Ray submission id)
         self.figures = collections.Counter()
+        self.images_written = 0  # captioned images of the shards written in this run
         self.failed: dict[str, str] = {}
         self.disk_full = False
         self.nodes: set[str] = set()
@@ -100,11 +101,15 @@ class CaptionJob:
         self.nodes.add(figures.pop("node", "?"))
         self.figures.update({k: v for k, v in figures.items() if isinstance(v, (int, float))})
         plan.images[captioner] = plan.images.get(captioner, 0) + figures["images"] + figures["decode_errors"]
+        plan.captioned[captioner] = plan.captioned.get(captioner, 0) + figures["images"]
 
     def commit(self, plan: ShardPlan, out: dict[str, Any], bar) -> None:
         """A written output shard (what writer.write_captioned_shard returned) into the books."""
         self.writer.commit(ShardInfo(**out["info"]), TextStats(out["stats"]),
                            failed_samples=sum(out["refused"].values()), extra=record_extra(out, plan.identities))
+        # The run's images: those of written shards, once each (not once per captioner, nor again
+        # when texts lost with a node were made again: image_passes counts that work).
+        self.images_written += max(plan.captioned.values(), default=0)
         if bar:
             bar.update(max(plan.images.values(), default=0) or out["info"]["samples"])
             self._postfix(bar)
@@ -134,8 +139,9 @@ class CaptionJob:
         """Record the run's figures and failures in the manifest, print the summary; the exit status."""
         f = self.figures
         figures = {
-            "images": f["images"], "captions": f["captions"], "seconds": round(seconds, 2),
-            "images_per_s": round(f["images"] / seconds, 3) if seconds else None,
+            "images": self.images_written, "image_passes": f["images"], "captions": f["captions"],
+            "seconds": round(seconds, 2),
+            "images_per_s": round(self.images_written / seconds, 3) if seconds else None,
             "captions_per_s": round(f["captions"] / seconds, 3) if seconds else None,
             "generated_tokens_per_s": round(f["generated_tokens"] / seconds, 1) if seconds else None,
             "prefix_cache_hit_rate": round(f["cached_tokens"] / f["prompt_tokens"], 4) if f["prompt_tokens"] else None,
