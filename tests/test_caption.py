@@ -339,6 +339,8 @@ def test_adding_a_prompt_and_a_captioner_computes_only_new_texts(ray_cluster, re
     m = load_manifest(out)
     run = m.run["caption"]["runs"][-1]
     assert run["captions"] == 28 * 2  # style and llava/detail only: nothing old was recomputed
+    # Each image once in the run's images, though two captioners went through it.
+    assert run["images"] == 28 and run["image_passes"] == 28 * 2, run
     texts = read_texts(out)
     for key, s in texts.items():
         ref = reference["texts"][key]["texts"]
