@@ -169,7 +169,7 @@ class Pool:
         self.slots: list[Slot] = []
         self.replacements = 0
 
-    def _options(self) -> dict[str, Any]:
+    def options(self) -> dict[str, Any]:
         opts: dict[str, Any] = {"num_cpus": self.cfg.num_cpus, "num_gpus": self.cfg.num_gpus,
                                 "max_concurrency": self.cfg.max_shards_in_flight + 4}
         if self.cfg.custom_resources:
@@ -181,7 +181,7 @@ class Pool:
         return opts
 
     def _new_actor(self):
-        return self.actor_cls.options(**self._options()).remote(self.cfg, self.image_max_side)
+        return self.actor_cls.options(**self.options()).remote(self.cfg, self.image_max_side)
 
     def start(self) -> None:
         self.slots = [Slot(self._new_actor(), i) for i in range(self.cfg.replicas)]
@@ -230,7 +230,7 @@ class Pool:
                     errors[slot.index] = (f"the engine started but failed a first request on a 64x64 image: "
                                           f"{_actor_cause(e)}")
                     ray.kill(slot.handle, no_restart=True)  # it would hold its GPU until the job ends
-        capacity = _capacity(self._options()) if pending else ""
+        capacity = _capacity(self.options()) if pending else ""
         if ready() < self.cfg.min_replicas:
             for slot in pending.values():
                 ray.kill(slot.handle, no_restart=True)
@@ -426,7 +426,7 @@ class RayRun:
                     except ray.exceptions.RayError as e:  # it holds no shard yet: replace it, or give up
                         pool.replace(slot, f"its replacement did not start: {_actor_cause(e)}")
                 elif now - slot.started_at > pool.cfg.start_timeout_s:
-                    capacity = _capacity(pool._options())
+                    capacity = _capacity(pool.options())
                     ray.kill(slot.handle, no_restart=True)
                     pool.slots.remove(slot)
                     print(f"captioner {pool.cfg.name!r}: replica {slot.index} did not start within "
