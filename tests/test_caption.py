@@ -239,6 +239,18 @@ def _engine_processes() -> list[psutil.Process]:
     return found
 
 
+def _descendants(actor: psutil.Process) -> list[psutil.Process]:
+    """The engine processes under `actor` (one that exits while we look is not among them)."""
+    found = []
+    for p in _engine_processes():
+        try:
+            if actor in p.parents():
+                found.append(p)
+        except psutil.Error:
+            continue
+    return found
+
+
 def _engine_and_its_actor(timeout: float = 120) -> tuple[list[psutil.Process], psutil.Process]:
     """The engine processes of the one caption actor with a live engine, once there is one, and
     that actor. (A dead engine's worker process may outlive it for a moment, under its actor.)"""
@@ -251,7 +263,7 @@ def _engine_and_its_actor(timeout: float = 120) -> tuple[list[psutil.Process], p
                 actor = next(p for p in engine.parents() if "ray::CaptionActor" in " ".join(p.cmdline()))
             except (StopIteration, psutil.Error):
                 continue
-            return [e for e in _engine_processes() if actor in e.parents()], actor
+            return _descendants(actor), actor
         assert time.time() < deadline, "no engine process appeared"
         time.sleep(0.05)
 
