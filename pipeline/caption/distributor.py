@@ -559,7 +559,7 @@ def _enqueue(plan: ShardPlan, pools: dict[str, Pool]) -> None:
     """Queue the whole shard for each captioner it needs, forgetting earlier results."""
     plan.results = {cap: [] for cap in plan.work}
     plan.open_parts = {cap: 1 for cap in plan.work}
-    plan.images, plan.captioned = {}, {}
+    plan.captioned = {}
     for cap in plan.work:
         pools[cap].queue.append((plan.name, WHOLE))
 

@@ -100,7 +100,6 @@ class CaptionJob:
         """One captioner's figures for one shard (or one part of it)."""
         self.nodes.add(figures.pop("node", "?"))
         self.figures.update({k: v for k, v in figures.items() if isinstance(v, (int, float))})
-        plan.images[captioner] = plan.images.get(captioner, 0) + figures["images"] + figures["decode_errors"]
         plan.captioned[captioner] = plan.captioned.get(captioner, 0) + figures["images"]
 
     def commit(self, plan: ShardPlan, out: dict[str, Any], bar) -> None:
@@ -111,7 +110,7 @@ class CaptionJob:
         # when texts lost with a node were made again: image_passes counts that work).
         self.images_written += max(plan.captioned.values(), default=0)
         if bar:
-            bar.update(max(plan.images.values(), default=0) or out["info"]["samples"])
+            bar.update(out["info"]["samples"])  # every sample of the shard went through (decode errors too)
             self._postfix(bar)
 
     def fail(self, plan: ShardPlan | None, reason: str, disk_full: bool = False) -> None:

@@ -60,7 +60,6 @@ class ShardPlan:
     # captioner -> ObjectRefs of its ShardResults (one per part of the shard it captioned)
     results: dict[str, list[Any]] = field(default_factory=dict)
     open_parts: dict[str, int] = field(default_factory=dict)  # captioner -> parts queued or in flight
-    images: dict[str, int] = field(default_factory=dict)  # captioner -> images it went through
     captioned: dict[str, int] = field(default_factory=dict)  # captioner -> images it captioned
     planned: dict[str, list[str]] = field(default_factory=dict)  # `work` as planned (to redo it all)
 
