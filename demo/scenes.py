@@ -131,7 +131,7 @@ def reference_texts(labels: dict[str, str]) -> dict[str, str]:
     """What a good captioner would answer to each prompt of the default set, from the truth."""
     shape, colour, count = labels["shape"], labels["colour"], labels["count"]
     position, background = labels["position"], labels["background"]
-    objects = f"{plural(shape, count)} in {colour}" if count != "one" else f"one {colour} {shape}"
+    objects = f"{plural(shape, count)} in {colour}"
     mood = ("warm" if colour in WARM else "cool") + (" and bright" if background in LIGHT else " and dark")
     return {
         "ref/detail": f"{objects} at the {position} of a plain {background} background.",
@@ -144,3 +144,32 @@ def reference_texts(labels: dict[str, str]) -> dict[str, str]:
 def scenes(count: int, seed: int) -> list[Scene]:
     rng = random.Random(seed)
     return [make_scene(rng) for _ in range(count)]
+
+
+# ----------------------------------------------------------------------------- reading captions
+
+_MENTIONS = {
+    "shape": {"circle": r"circles?", "square": r"squares?", "triangle": r"triangles?", "cross": r"cross(?:es)?"},
+    "colour": {c: c for c in COLOURS},
+    "count": {c: c for c in COUNTS},
+    "position": {p: p.replace(" ", r"\s+") for p in POSITIONS},
+    "background": {b: b for b in BACKGROUNDS},
+}
+
+
+def mentions(text: str) -> dict[str, set[str]]:
+    """The values of each attribute a caption names (whole words, case-insensitive).
+
+    The attributes' values are disjoint word sets (the shapes' colours are not the backgrounds'),
+    so a caption's words tell which attribute they speak of.
+    """
+    import re
+
+    low = text.lower()
+    return {attribute: {value for value, pattern in values.items() if re.search(rf"\b{pattern}\b", low)}
+            for attribute, values in _MENTIONS.items()}
+
+
+def score_caption(text: str, labels: dict[str, str]) -> dict[str, bool]:
+    """For each attribute the caption names: whether it names the truth and nothing else."""
+    return {attribute: named == {labels[attribute]} for attribute, named in mentions(text).items() if named}

@@ -15,7 +15,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 # The words the placeholder tokenizer knows (with those of the shipped prompts).
 _CORPUS_WORDS = (
@@ -48,7 +50,7 @@ QWEN_SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>
 LLAVA_SPECIAL = ["<unk>", "<s>", "</s>", "<pad>", "<image>"]
 
 
-def _word_tokenizer(special: list[str], unk: str):
+def _word_tokenizer(special: list[str], unk: str, extra_words: Iterable[str] = ()):
     """A word-level tokenizer over a small English vocabulary, with the architecture's specials.
 
     Word-level (not byte-level BPE) so that a random model's output decodes into words, never
@@ -60,7 +62,7 @@ def _word_tokenizer(special: list[str], unk: str):
 
     from caption_prompts import available_sets, load_prompt_set
 
-    words = set(_CORPUS_WORDS) | set(".,:;!?'-")
+    words = set(_CORPUS_WORDS) | set(".,:;!?'-") | {w.lower() for w in extra_words}
     for name in available_sets():  # every shipped prompt is made of known words
         for prompt in load_prompt_set(name).prompts:
             words.update(re.findall(r"[a-z]+", prompt.text.lower()))
@@ -86,6 +88,22 @@ def build_tiny_qwen2vl(out: str | Path, seed: int = 0, max_pixels: int = 448 * 4
     caching across the prompts of one image has something to reuse.
     """
     import torch
+
+    out = Path(out)
+    torch.manual_seed(seed)
+    model, processor = tiny_qwen2vl(init_std=init_std, max_pixels=max_pixels)
+    save_qwen2vl(model.to(torch.bfloat16), processor, out)
+    _write_card(out, "qwen2_vl", seed)
+    return out
+
+
+def tiny_qwen2vl(*, hidden: int = 64, layers: int = 2, heads: int = 2, intermediate: int = 128,
+                 vision_depth: int = 2, vision_dim: int = 64, vision_heads: int = 2, min_pixels: int = 28 * 28,
+                 max_pixels: int = 448 * 448, init_std: float = 0.02,
+                 extra_words: Iterable[str] = ()) -> tuple[Any, Any]:
+    """A float32 Qwen2-VL of the given size with its processor (the word tokenizer and the chat
+    template vLLM renders). Head sizes must be ones vLLM's CPU attention supports (32, 64, ...);
+    the rotary sections assume head size 32."""
     from transformers import (
         PreTrainedTokenizerFast,
         Qwen2VLConfig,
@@ -95,37 +113,42 @@ def build_tiny_qwen2vl(out: str | Path, seed: int = 0, max_pixels: int = 448 * 4
         Qwen2VLVideoProcessor,
     )
 
-    out = Path(out)
-    torch.manual_seed(seed)
-    raw = _word_tokenizer(QWEN_SPECIAL, unk="<unk>")
+    if hidden // heads != 32 or vision_dim // vision_heads != 32:
+        raise ValueError(f"head size must be 32 (hidden {hidden} / heads {heads}, "
+                         f"vision {vision_dim} / {vision_heads})")
+    raw = _word_tokenizer(QWEN_SPECIAL, unk="<unk>", extra_words=extra_words)
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=raw, eos_token="<|im_end|>", pad_token="<|endoftext|>",
                                         bos_token=None, unk_token="<unk>")
     tokenizer.chat_template = CHAT_TEMPLATE
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in QWEN_SPECIAL}
-    hidden, heads = 64, 2  # head size 32
     config = Qwen2VLConfig(
-        text_config=dict(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=heads, num_key_value_heads=heads, max_position_embeddings=4096,
+        text_config=dict(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=intermediate,
+                         num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
+                         max_position_embeddings=4096,
                          rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [4, 6, 6]},
                          tie_word_embeddings=False, bos_token_id=None, eos_token_id=ids["<|im_end|>"],
                          pad_token_id=ids["<|endoftext|>"], initializer_range=init_std),
-        vision_config=dict(depth=2, embed_dim=64, hidden_size=hidden, num_heads=2, mlp_ratio=2, patch_size=14,
-                           spatial_merge_size=2, temporal_patch_size=2, in_channels=3, initializer_range=init_std),
+        vision_config=dict(depth=vision_depth, embed_dim=vision_dim, hidden_size=hidden, num_heads=vision_heads,
+                           mlp_ratio=2, patch_size=14, spatial_merge_size=2, temporal_patch_size=2, in_channels=3,
+                           initializer_range=init_std),
         image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
         vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
         tie_word_embeddings=False,
     )
-    model = Qwen2VLForConditionalGeneration(config).to(torch.bfloat16)
+    model = Qwen2VLForConditionalGeneration(config)
     model.generation_config.eos_token_id = ids["<|im_end|>"]
     model.generation_config.pad_token_id = ids["<|endoftext|>"]
-    model.save_pretrained(out)
-    image_processor = Qwen2VLImageProcessor(min_pixels=28 * 28, max_pixels=max_pixels)
-    video_processor = Qwen2VLVideoProcessor(min_pixels=28 * 28, max_pixels=max_pixels)
+    image_processor = Qwen2VLImageProcessor(min_pixels=min_pixels, max_pixels=max_pixels)
+    video_processor = Qwen2VLVideoProcessor(min_pixels=min_pixels, max_pixels=max_pixels)
     processor = Qwen2VLProcessor(image_processor=image_processor, tokenizer=tokenizer,
                                  video_processor=video_processor, chat_template=CHAT_TEMPLATE)
+    return model, processor
+
+
+def save_qwen2vl(model: Any, processor: Any, out: Path) -> None:
+    """The model directory vLLM loads: weights (safetensors), config, processor and tokenizer."""
+    model.save_pretrained(out)
     processor.save_pretrained(out)
-    _write_card(out, "qwen2_vl", seed)
-    return out
 
 
 def build_tiny_llava(out: str | Path, seed: int = 0, init_std: float = 0.4) -> Path:

@@ -49,6 +49,27 @@ def model_content_hash(model_dir: Path) -> str:
     return "sha256:" + sha.hexdigest()
 
 
+CARD = "HOLICLIP_TINY_VLM.json"  # written beside the weights by demo.train_captioner and demo.tiny_vlm
+_CARD_LIMIT = 64 << 10
+
+
+def model_card(model_dir: Path) -> dict[str, Any] | None:
+    """How a model the project made was made (command, seed, steps, data hash), for provenance;
+    None for other models. Its worked examples are left out: they are not provenance."""
+    path = model_dir / CARD
+    try:
+        if path.stat().st_size > _CARD_LIMIT:
+            return None
+        card = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(card, dict):
+        return None
+    if isinstance(card.get("heldout"), dict):
+        card["heldout"] = {k: v for k, v in card["heldout"].items() if k != "examples"}
+    return card
+
+
 def resolve_model(captioner: CaptionerConfig) -> dict[str, Any]:
     """Model identity for a captioner: local path and content hash, or hub id and revision.
 
@@ -65,6 +86,9 @@ def resolve_model(captioner: CaptionerConfig) -> dict[str, Any]:
         if not (path / "config.json").exists():
             raise FileNotFoundError(f"captioner {captioner.name!r}: model directory {path} has no config.json")
         info["content_hash"] = model_content_hash(path)
+        card = model_card(path)
+        if card:
+            info["card"] = card
         return info
     if path.is_absolute() or captioner.model.startswith("."):
         raise FileNotFoundError(f"captioner {captioner.name!r}: model directory {path} does not exist")
