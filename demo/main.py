@@ -8,25 +8,29 @@ Every stage runs the project's real command (printed as it starts) in its own pr
   1. scenes   draw pictures of shapes (demo/scenes.py) with partial, web-like alt-texts,
               and write a URL list for them; a loopback HTTP server serves them during ingest
   2. ingest   python -m pipeline.ingest (img2dataset) -> OUT/images
-  3. caption  python -m pipeline.caption on an embedded local Ray with one vLLM engine on the
-              CPU, the default prompt set (4 prompts per image) -> OUT/captioned
+  3. caption  python -m pipeline.caption on an embedded local Ray with two vLLM engines on the
+              CPU (demo/configs/caption_cpu.yaml): captioner `plain` with the default prompt set
+              (4 prompts per image) and captioner `terse` with one prompt (detail)
   4. split    the last shards become the test set; the generator's reference texts are added
               (text ids ref/*, provenance kind "reference") -> OUT/train, OUT/test, OUT/zeroshot
   5. train    the deepspeed launcher, 2 CPU ranks (gloo), the same steps for each run:
-                o2o           plain CLIP on the alt-text alone
-                holistic      Holistic CLIP (5 class tokens, M2M) on alt-text + the VLM's 4 captions
-                holistic-ref  the same on alt-text + the 4 reference texts
-  6. eval     python -m eval: zero-shot over each drawn attribute, retrieval per text id, the
-              branch heatmap
-  7. report   the numbers side by side, the path of every artefact, and
-              `holiclip-manifest summary` of the captioned data (OUT/report.md)
+                o2o        plain CLIP on the alt-text alone
+                o2m        one embedding, every text: alt-text + the 4 captions of `plain`
+                holistic   Holistic CLIP (5 class tokens, M2M) on the same 5 texts
+                multi-vlm  Holistic CLIP (3 class tokens) on alt-text + each captioner's detail
+              (and, when asked for with --runs, holistic-ref: the 4 reference texts instead of
+              the captions, an upper bound that never passes through a VLM)
+  6. eval     python -m eval: zero-shot over each drawn attribute (average and adaptive fusion,
+              each branch alone), retrieval per text id, the branch heatmap
+  7. report   the numbers side by side, each captioner's accuracy per attribute on the
+              held-out pictures, a grid of held-out pictures with their captions, the path of
+              every artefact, and `holiclip-manifest summary` of the captioned data (OUT/report.md)
 
-The captioner is the real small VLM named in demo/configs/caption_cpu.yaml when its weights can
-be had; without network (as on machines with no model hub) the demo says so and builds a tiny,
-randomly initialised VLM instead: the pipeline then runs for real, but its captions are
-placeholders and the `holistic` run has nothing more to learn from them than `o2o`. The
-`holistic-ref` run shows what the method does with informative texts; its texts come from the
-scene generator, never from a VLM, and the report says so.
+The captioners are two tiny Qwen2-VL models trained by this project on generated scenes of the
+same world (python -m demo.train_captioner; the card HOLICLIP_TINY_VLM.json beside each says how):
+they describe these pictures and nothing else. `--captioner HF_ID_OR_DIR` captions with a real
+VLM instead (its weights from a local directory, the Hugging Face cache, or the hub), with the
+default prompts; every later stage runs unchanged.
 
 Rerunning the same command after a crash or a kill resumes: each stage skips the work it
 finished (completed shards, checkpoints) and does the rest exactly once.
@@ -39,6 +43,7 @@ import contextlib
 import functools
 import json
 import os
+import re
 import shlex
 import shutil
 import socket
@@ -54,23 +59,27 @@ from typing import Any
 
 import yaml
 
-from data_manifests import atomic_write_text, now_iso, publish
+from data_manifests import atomic_write_text, load_manifest, now_iso, publish
 from demo import scenes as sc
 
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
 BIN = Path(PY).parent
 STAGES = ("scenes", "ingest", "caption", "split", "train", "eval", "report")
-RUNS = {  # name -> (training config, text ids, what it shows)
-    "o2o": ("demo/configs/train_o2o.yaml", ["raw"], "plain CLIP: one embedding, the alt-text only"),
-    "holistic": ("demo/configs/train_holistic.yaml", ["raw", "detail", "background", "main_object", "style"],
-                 "Holistic CLIP (5 class tokens, M2M) on the alt-text + the VLM's 4 captions"),
-    "holistic-ref": ("demo/configs/train_holistic.yaml", ["raw", *sc.REFERENCE_TEXTS],
-                     "Holistic CLIP on the alt-text + the generator's 4 reference texts (not a VLM)"),
+# name -> (training config, texts it trains on, what it shows). The texts are a group of text ids
+# (text_groups) known once the caption stage has run: they depend on the captioners.
+RUNS = {
+    "o2o": ("demo/configs/train_o2o.yaml", "raw", "plain CLIP: one embedding, the alt-text only"),
+    "o2m": ("demo/configs/train_o2m.yaml", "captions",
+            "O2M, the paper's strongest baseline: one embedding trained on the alt-text and every caption"),
+    "holistic": ("demo/configs/train_holistic.yaml", "captions",
+                 "Holistic CLIP (one class token per text id, M2M) on the alt-text + one VLM's 4 captions"),
+    "multi-vlm": ("demo/configs/train_holistic.yaml", "vlms",
+                  "Holistic CLIP (M2M) on the alt-text + each VLM's detailed caption (multi-VLM gadget)"),
+    "holistic-ref": ("demo/configs/train_holistic.yaml", "ref",
+                     "upper bound, not a VLM: Holistic CLIP on the alt-text + the generator's 4 reference texts"),
 }
-FALLBACK_NOTE = ("the captions come from a tiny, randomly initialised VLM: they are placeholders, "
-                 "so `holistic` learns nothing more than `o2o`, and its four caption branches learn noise "
-                 "that drags its fused scores down")
+DEFAULT_RUNS = ("o2o", "o2m", "holistic", "multi-vlm")
 
 
 class DemoError(RuntimeError):
@@ -88,6 +97,7 @@ class Options:
     ranks: int
     runs: list[str]
     caption_config: Path
+    captioner: str | None
     seed: int
     until: str
 
@@ -186,27 +196,29 @@ def stage_ingest(o: Options, spec: dict[str, Any]) -> None:
         run_stage("ingest", cmd, o.out / "logs" / "ingest.log")
 
 
-def choose_captioner(o: Options) -> tuple[dict[str, Any], str | None]:
-    """The caption job's config, and a note when the real VLM could not be had."""
+def caption_job(o: Options) -> dict[str, Any]:
+    """The caption job's config: the demo config's captioners, or the one VLM of --captioner."""
     base = yaml.safe_load(o.caption_config.read_text())
-    captioner = base["captioners"][0]
-    model = str(captioner["model"])
-    local, reason = find_weights(model)
-    note = None
-    if local is None:
-        tiny = o.out / "models" / "tiny-qwen2vl"
-        say(f"caption: the VLM {model} is not available here ({reason}).")
-        say("caption: FALLING BACK to a tiny, randomly initialised Qwen2-VL built locally; its captions are "
-            "placeholders, not descriptions. Everything else runs as it would with the real model.")
-        if not (tiny / "config.json").exists():
-            run_stage("build-tiny-vlm", [PY, "-m", "demo.tiny_vlm", "--arch", "qwen2_vl", "--out", tiny],
-                      o.out / "logs" / "caption.log")
-        captioner = {**captioner, "name": "tiny-qwen2vl", "model": str(tiny),
-                     "engine": {**captioner["engine"], "max_model_len": 1024}}
-        note = f"{model} unavailable ({reason}); {FALLBACK_NOTE}"
-    else:
-        captioner = {**captioner, "model": local}
-    return {"input": str(o.out / "images"), "output": str(o.out / "captioned"), "captioners": [captioner]}, note
+    captioners = []
+    for captioner in base["captioners"]:
+        model = Path(str(captioner["model"])).expanduser()
+        if not model.is_absolute() and str(captioner["model"]).startswith("."):
+            model = (o.caption_config.parent / model).resolve()
+        captioners.append({**captioner, "model": str(model)})
+    if o.captioner:
+        local, reason = find_weights(o.captioner)
+        if local is None:
+            raise DemoError(f"--captioner {o.captioner}: {reason}. Give a local directory holding the VLM's "
+                            "weights, or leave --captioner out to use the demo's own captioners")
+        engine = {k: v for k, v in captioners[0].get("engine", {}).items() if k != "max_model_len"}
+        name = re.sub(r"[^A-Za-z0-9_-]+", "-", Path(o.captioner).name).strip("-") or "vlm"
+        captioners = [{**captioners[0], "name": name, "model": local,
+                       "prompts": {"set": "default"}, "engine": {**engine, "max_model_len": 2048}}]
+    for captioner in captioners:
+        if not Path(captioner["model"]).is_dir() and captioner["model"].startswith("/"):
+            raise DemoError(f"captioner {captioner['name']!r}: model directory {captioner['model']} does not exist "
+                            f"(named in {o.caption_config})")
+    return {"input": str(o.out / "images"), "output": str(o.out / "captioned"), "captioners": captioners}
 
 
 def find_weights(model: str) -> tuple[str | None, str]:
@@ -238,15 +250,31 @@ def find_weights(model: str) -> tuple[str | None, str]:
 
 
 def stage_caption(o: Options) -> None:
-    job, note = choose_captioner(o)
+    job = caption_job(o)
     config = o.out / "caption.yaml"
-    header = ("# Written by python -m demo from demo/configs/caption_cpu.yaml; rerun with\n"
+    source = f"--captioner {o.captioner}" if o.captioner else str(o.caption_config.relative_to(ROOT)
+                                                                   if o.caption_config.is_relative_to(ROOT)
+                                                                   else o.caption_config)
+    header = (f"# Written by python -m demo from {source}; rerun with\n"
               f"#   python -m pipeline.caption --config {config}\n")
-    if note:
-        header += f"# NOTE: {note}\n"
     atomic_write_text(config, header + yaml.safe_dump(job, sort_keys=False))
     run_stage("caption", [PY, "-m", "pipeline.caption", "--config", config], o.out / "logs" / "caption.log",
               env={"HF_HUB_OFFLINE": "1", "VLLM_CACHE_ROOT": str(o.out / ".vllm_cache")})
+
+
+def text_groups(captioned: Path) -> dict[str, list[str]]:
+    """The text ids each run trains on, from the captioned dataset's provenance:
+    raw (the alt-text); captions (alt-text + every text of the first captioner); vlms (alt-text +
+    each captioner's `detail` text, when there are two or more); ref (alt-text + reference texts)."""
+    manifest = load_manifest(captioned)
+    by_captioner: dict[str, list[tuple[str, str]]] = {}
+    for text_id, record in manifest.texts.items():
+        if record.get("kind") == "caption":
+            by_captioner.setdefault(record["captioner"]["name"], []).append((text_id, record["prompt"]["id"]))
+    first = next(iter(by_captioner.values()), [])
+    details = [tid for texts in by_captioner.values() for tid, pid in texts if pid == "detail"]
+    return {"raw": ["raw"], "captions": ["raw", *(tid for tid, _ in first)],
+            "vlms": ["raw", *details] if len(details) > 1 else [], "ref": ["raw", *sc.REFERENCE_TEXTS]}
 
 
 def stage_split(o: Options) -> None:
@@ -261,9 +289,14 @@ def stage_split(o: Options) -> None:
 
 
 def stage_train(o: Options) -> None:
+    groups = text_groups(o.out / "captioned")
     for name in o.runs:
-        config, text_ids, _ = RUNS[name]
+        config, group, _ = RUNS[name]
+        text_ids = groups[group]
         run_dir = o.out / "runs" / name
+        if not text_ids:
+            say(f"train {name}: skipped: it needs two or more captioners with a `detail` prompt")
+            continue
         if finished_steps(run_dir) == o.steps:
             say(f"train {name}: already trained for {o.steps} steps ({run_dir / 'export'})")
             continue
@@ -290,19 +323,24 @@ def stage_eval(o: Options) -> None:
         run_dir = o.out / "runs" / name
         out = o.out / "eval" / name
         results = out / "results.jsonl"
+        if finished_steps(run_dir) is None:
+            continue  # a run the train stage skipped
         if results.exists() and results.stat().st_mtime >= (run_dir / "export" / "config.json").stat().st_mtime:
             say(f"eval {name}: done already ({results})")
             continue
         shutil.rmtree(out, ignore_errors=True)
         out.mkdir(parents=True)
         partial = out / ".results.jsonl"
+        branched = yaml.safe_load((ROOT / RUNS[name][0]).read_text())["model"]["branch"] != "none"
+        fusion = "average,adaptive" if branched else "average"  # adaptive: weights over branches per query
         commands = [["retrieval", "--data", o.out / "test", "--out", out / "retrieval"]]
         for attribute in sc.ATTRIBUTES:
             where = o.out / "zeroshot" / attribute
             commands.append(["zeroshot", "--data", where, "--classnames", where / "classnames.txt",
                              "--templates", where / "templates.txt", "--out", out / attribute])
         for args in commands:
-            argv = [*map(str, args), "--checkpoint", str(run_dir), "--results", str(partial), "--no-progress"]
+            argv = [*map(str, args), "--checkpoint", str(run_dir), "--results", str(partial), "--no-progress",
+                    "--fusion", fusion]
             say(f"$ python -m eval {shlex.join(argv)}")
             if eval_main(argv) != 0:
                 raise DemoError(f"eval {name}: `python -m eval {shlex.join(argv)}` failed (message above)")
@@ -312,10 +350,11 @@ def stage_eval(o: Options) -> None:
 # ----------------------------------------------------------------------------- report
 
 
-def stage_report(o: Options, note: str | None) -> Path:
+def stage_report(o: Options) -> Path:
     from demo.report import write_report
 
-    report = write_report(o.out, o.runs, RUNS, note)
+    runs = [r for r in o.runs if (o.out / "eval" / r / "results.jsonl").exists()]
+    report = write_report(o.out, runs, RUNS)
     print(report.read_text(), flush=True)
     run_stage("summary", [BIN / "holiclip-manifest", "summary", o.out / "captioned"], o.out / "logs" / "summary.log")
     say(f"report: {report}")
@@ -335,9 +374,13 @@ def parse_args(argv: list[str] | None) -> Options:
     p.add_argument("--image-size", type=int, default=96, help="picture size in pixels (default 96)")
     p.add_argument("--steps", type=int, default=150, help="training steps of every run (default 150)")
     p.add_argument("--ranks", type=int, default=2, help="DeepSpeed processes (default 2)")
-    p.add_argument("--runs", default=",".join(RUNS), help=f"training runs, comma-separated (default {','.join(RUNS)})")
+    p.add_argument("--runs", default=",".join(DEFAULT_RUNS),
+                   help=f"training runs, comma-separated, of {', '.join(RUNS)} (default {','.join(DEFAULT_RUNS)})")
     p.add_argument("--caption-config", type=Path, default=ROOT / "demo" / "configs" / "caption_cpu.yaml",
-                   help="the captioner (default demo/configs/caption_cpu.yaml)")
+                   help="the captioners (default demo/configs/caption_cpu.yaml: the demo's two trained tiny VLMs)")
+    p.add_argument("--captioner", metavar="HF_ID_OR_DIR",
+                   help="caption with this VLM instead (a local directory, or a Hugging Face id found in the cache "
+                        "or on the hub), the default prompt set, the config's engine settings")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--until", choices=STAGES, default="report", help="stop after this stage")
     a = p.parse_args(argv)
@@ -350,7 +393,7 @@ def parse_args(argv: list[str] | None) -> Options:
         p.error(f"--test-shards must leave at least one of the {shards} shards for training")
     return Options(out=a.out.resolve(), scenes=a.scenes, shard_size=a.shard_size, test_shards=a.test_shards,
                    image_size=a.image_size, steps=a.steps, ranks=a.ranks, runs=runs,
-                   caption_config=a.caption_config.resolve(), seed=a.seed, until=a.until)
+                   caption_config=a.caption_config.resolve(), captioner=a.captioner, seed=a.seed, until=a.until)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -370,7 +413,7 @@ def main(argv: list[str] | None = None) -> int:
             fn()
             say(f"{stage}: {time.monotonic() - t0:.0f} s")
         if last == STAGES.index("report"):
-            stage_report(o, read_note(o.out))
+            stage_report(o)
     except DemoError as e:
         print(f"[demo] error: {e}", file=sys.stderr, flush=True)
         return 1
@@ -379,15 +422,3 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     say(f"done in {time.monotonic() - started:.0f} s")
     return 0
-
-
-def read_note(out: Path) -> str | None:
-    """The fallback note of an earlier run of the caption stage (its config records it)."""
-    try:
-        for line in (out / "caption.yaml").read_text().splitlines():
-            if line.startswith("# NOTE: "):
-                return line[len("# NOTE: "):]
-    except OSError:
-        pass
-    return None
-
