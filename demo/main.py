@@ -266,14 +266,12 @@ def text_groups(captioned: Path) -> dict[str, list[str]]:
     """The text ids each run trains on, from the captioned dataset's provenance:
     raw (the alt-text); captions (alt-text + every text of the first captioner); vlms (alt-text +
     each captioner's `detail` text, when there are two or more); ref (alt-text + reference texts)."""
-    manifest = load_manifest(captioned)
-    by_captioner: dict[str, list[tuple[str, str]]] = {}
-    for text_id, record in manifest.texts.items():
-        if record.get("kind") == "caption":
-            by_captioner.setdefault(record["captioner"]["name"], []).append((text_id, record["prompt"]["id"]))
-    first = next(iter(by_captioner.values()), [])
-    details = [tid for texts in by_captioner.values() for tid, pid in texts if pid == "detail"]
-    return {"raw": ["raw"], "captions": ["raw", *(tid for tid, _ in first)],
+    from demo.report import captioners
+
+    by_captioner = [c["text_ids"] for c in captioners(load_manifest(captioned)).values()]  # text id -> prompt id
+    first = by_captioner[0] if by_captioner else {}
+    details = [tid for texts in by_captioner for tid, pid in texts.items() if pid == "detail"]
+    return {"raw": ["raw"], "captions": ["raw", *first],
             "vlms": ["raw", *details] if len(details) > 1 else [], "ref": ["raw", *sc.REFERENCE_TEXTS]}
 
 

@@ -99,13 +99,13 @@ def caption_accuracy(test: Path, text_ids: list[str]) -> dict[str, dict[str, lis
 
 
 def _stages(card: dict[str, Any]) -> str:
-    """'6000 steps (seed 101, data sha256 654253e3...) then 6000 (seed 102, ...)': each stage of training."""
-    stages = []
+    """'17000 steps in all: 6000 steps (seed 101, data sha256 654253e3...) then ...': each stage of training."""
+    stages, total = [], 0
     while card:
         stages.append(f"{card.get('steps')} steps (seed {card.get('seed')}, data sha256 "
                       f"{str(card.get('data_sha256'))[:8]}...)")
+        total += int(card.get("steps") or 0)
         card = card.get("init")
-    total = sum(int(s.split()[0]) for s in stages if s.split()[0].isdigit())
     return f"{total} steps in all: " + " then ".join(reversed(stages))
 
 

@@ -155,22 +155,28 @@ def default_prompts() -> dict[str, str]:
     return {p.id: p.text for p in load_prompt_set("default").prompts}
 
 
+def _heads(processor, prompts: dict[str, str]) -> dict[str, str]:
+    """Each prompt rendered with the model's chat template, as the caption stage renders it."""
+    from pipeline.caption.backends import chat_messages
+
+    return {pid: processor.apply_chat_template(chat_messages(text), tokenize=False, add_generation_prompt=True)
+            for pid, text in prompts.items()}
+
+
 def _batch(rng: random.Random, scenes: int, style: str, prompts: dict[str, str], processor, image_size: int,
            digest: Any) -> dict[str, Any]:
     """One teacher-forcing batch: every prompt for each of `scenes` new scenes; the loss is on the
     answer and its end token only."""
-    from pipeline.caption.backends import chat_messages
-
+    heads = _heads(processor, prompts)
     texts, images = [], []
     for _ in range(scenes):
         scene = sc.make_scene(rng)
         labels = scene.labels()
         image = sc.draw(scene, image_size, seed=SEED_OFFSET + rng.randrange(1 << 30))
         digest.update(image.tobytes())
-        for pid, prompt in prompts.items():
+        for pid, head in heads.items():
             said = answer(style, pid, labels, rng)
             digest.update(f"{pid}\t{said}\n".encode())
-            head = processor.apply_chat_template(chat_messages(prompt), tokenize=False, add_generation_prompt=True)
             texts.append(head + said + "<|im_end|>")
             images.append(image)
     enc = processor(text=texts, images=images, padding=True, return_tensors="pt")
@@ -199,7 +205,7 @@ def train(out: Path, style: str, seed: int, steps: int, scenes_per_step: int, lr
         raise ValueError(f"unknown style {style!r} (known: {', '.join(STYLES)})")
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
-    earlier = None
+    earlier, taught = None, vocabulary()
     if init is not None:  # go on training a captioner this command made before
         from transformers import AutoProcessor, Qwen2VLForConditionalGeneration
 
@@ -211,9 +217,9 @@ def train(out: Path, style: str, seed: int, steps: int, scenes_per_step: int, lr
     else:
         model, processor = tiny_qwen2vl(hidden=128, layers=3, heads=4, intermediate=256, vision_depth=3,
                                         vision_dim=128, vision_heads=4, min_pixels=IMAGE_PIXELS,
-                                        max_pixels=IMAGE_PIXELS, init_std=0.02, extra_words=vocabulary())
+                                        max_pixels=IMAGE_PIXELS, init_std=0.02, extra_words=taught)
     prompts = default_prompts()
-    unknown = sorted(w for w in vocabulary() | {w for p in prompts.values() for w in re.findall(r"[a-z]+", p.lower())}
+    unknown = sorted(w for w in taught | {w for p in prompts.values() for w in re.findall(r"[a-z]+", p.lower())}
                      if processor.tokenizer.convert_tokens_to_ids(w) == processor.tokenizer.unk_token_id)
     if unknown:  # the tokenizer must know every word it is taught
         raise RuntimeError(f"the tokenizer lacks {unknown}")
@@ -284,14 +290,12 @@ def evaluate(model, processor, prompts: dict[str, str], seed: int, scenes: int,
     """Greedy captions of `scenes` new scenes (another stream than training's), scored per attribute."""
     import torch
 
-    from pipeline.caption.backends import chat_messages
-
+    heads = _heads(processor, prompts)
     right: dict[str, list[bool]] = {a: [] for a in sc.ATTRIBUTES}
     examples = []
     for labels, image in heldout_scenes(seed, scenes, image_size):
         said = {}
-        for pid, prompt in prompts.items():
-            head = processor.apply_chat_template(chat_messages(prompt), tokenize=False, add_generation_prompt=True)
+        for pid, head in heads.items():
             enc = processor(text=[head], images=[image], return_tensors="pt")
             with torch.no_grad():
                 gen = model.generate(**enc, max_new_tokens=40, do_sample=False)
